@@ -1,0 +1,1 @@
+"""brainsam: LoRA-adapted Segment Anything for deep brain structures in MRI."""

