@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("subjects", nargs="+", help="folders holding T1.nii.gz and aseg.nii.gz")
     parser.add_argument("--fov", type=float, nargs="+", default=[120, 160, 256])
+    parser.add_argument("--axes", nargs="+", default=["axial", "coronal", "sagittal"])
     parser.add_argument("--mapping", default="configs/mappings/aseg.yaml")
     args = parser.parse_args()
     engine = Engine(load_config())
@@ -35,7 +36,7 @@ def main() -> None:
     for subject in args.subjects:
         volume = load_volume(f"{subject}/T1.nii.gz")
         labels = nib.orientations.apply_orientation(np.asanyarray(nib.load(f"{subject}/aseg.nii.gz").dataobj), volume.ornt)
-        for axis, fov in itertools.product(("axial", "coronal", "sagittal"), args.fov):
+        for axis, fov in itertools.product(args.axes, args.fov):
             engine.predictor.config.axis, engine.predictor.config.fov_mm = axis, fov
             image = engine.prepare(volume)
             truth_view = SliceView(labels, volume.spacing, axis).stack

@@ -208,11 +208,11 @@ class Predictor:
         on_slice = [c for c in state.clicks if c[0] == index]
         points = np.array([[c[1], c[2]] for c in on_slice], dtype=np.int64).reshape(-1, 2)
         labels = np.array([c[3] for c in on_slice], dtype=np.int64)
-        if not self.config.points_with_box and box is not None:
-            points, labels = points[:0], labels[:0]
+        prompted = box is None or self.config.points_with_box
         mask_logits = earlier.logits if (earlier is not None and self.config.feed_mask) else None
-        result = self.predict(image, state.window, index, SlicePrompt(box, points, labels, mask_logits))
-        for row, col in (points[labels == 0] if len(points) else []):
+        prompt = SlicePrompt(box, points if prompted else points[:0], labels if prompted else labels[:0], mask_logits)
+        result = self.predict(image, state.window, index, prompt)
+        for row, col in points[labels == 0]:
             if result.mask[row, col]:
                 pieces, _ = ndimage.label(result.mask)
                 result.mask[pieces == pieces[row, col]] = False

@@ -1,0 +1,1 @@
+"""Task configurations and inference tasks of the brainsam MONAI Label app."""

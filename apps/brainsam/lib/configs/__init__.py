@@ -1,0 +1,3 @@
+from .brainsam import BrainSam
+
+__all__ = ["BrainSam"]

@@ -1,0 +1,3 @@
+from .brainsam import BrainSamInfer
+
+__all__ = ["BrainSamInfer"]

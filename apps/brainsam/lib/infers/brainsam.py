@@ -1,0 +1,200 @@
+"""The `brainsam` inference task: 3D Slicer's deepgrow requests in, a single-structure mask out.
+
+A request (POST /infer/brainsam?image=<id>, params as 3D Slicer sends them) carries `label`,
+`foreground` and `background` clicks (stored voxel indices), optionally `roi`, `reset_state`,
+`result_extension`, `result_dtype` and `client_id`. The first prompt segments the structure in
+3D; later clicks refine it. Each (client_id, image) keeps the state of its current structure,
+so annotators never see each other's work.
+
+Requests run one at a time on the server's event loop, so the image and the prompts are
+checked before any slow work, and a bad request answers 4xx with what to fix.
+"""
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+from fastapi import HTTPException
+
+from brainsam.config import EngineConfig
+from brainsam.engine import Engine
+from brainsam.labels import LabelSet
+from brainsam.predictor import PreparedImage
+from brainsam.prompts import PromptError, parse_points, parse_roi
+from brainsam.volume import VolumeError, load_volume
+from lib.infers.adapters import AdapterWatcher
+from lib.infers.interaction import REFINE, SEGMENT, Interaction, Lru, Prompts, plan
+from lib.infers.results import EXTENSIONS, write_mask
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+logger = logging.getLogger(__name__)
+
+IMAGES_KEPT = 3  # a prepared 256^3 volume holds ~130 MB and costs ~1 s to load again
+INTERACTIONS_KEPT = 32  # (annotator, image) pairs whose segmentation can still be refined
+
+ImageKey = tuple[str, int, int]
+"""(path, mtime in ns, size) of an image file: a replaced file is a new image."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to answer a request: structure name, whether to forget the earlier state, format of
+    the returned mask, and whose request it is."""
+
+    label: str
+    reset: bool
+    extension: str
+    dtype: np.dtype
+    client: str
+
+
+class BrainSamInfer(InferTask):
+    """Interactive 3D segmentation of the structures of one label set (MONAI Label type deepgrow).
+
+    config, labels: the engine's settings and label set. adapters: an adapter file or folder
+    (see AdapterWatcher), or None for the base model.
+    """
+
+    def __init__(self, config: EngineConfig, labels: LabelSet, adapters: Optional[Path]):
+        super().__init__(
+            type=InferType.DEEPGROW,
+            labels={structure.name: structure.id for structure in labels.structures},
+            dimension=3,
+            description=f"Click or box a deep brain structure, get its 3D mask ({config.backbone} with LoRA adapter)",
+        )
+        self.label_set = labels
+        self.watcher = AdapterWatcher(config, labels, adapters)
+        self.images: Lru[PreparedImage] = Lru(IMAGES_KEPT)
+        self.interactions: Lru[Interaction] = Lru(INTERACTIONS_KEPT)
+        self._lock = threading.Lock()  # one request at a time even with MONAI_LABEL_INFER_CONCURRENCY
+
+    def info(self) -> Dict[str, Any]:
+        """MONAI Label's model info plus each structure's display colour (RGB 0-255)."""
+        info = super().info()
+        info["label_colors"] = {structure.name: list(structure.color) for structure in self.label_set.structures}
+        return info
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request: Dict[str, Any]) -> tuple[str, Dict[str, Any]]:
+        """Answer one request: (path of the mask file, result params)."""
+        began = time.perf_counter()
+        options = read_options(request, self.label_set)
+        with self._lock:
+            engine = self.watcher.engine()
+            key, image = self._image(request.get("image"), engine)
+            prompts = read_prompts(request, options.label, image)
+            action, interaction = self._interact(engine, image, (options.client, key), options.reset, prompts)
+            mask = engine.canonical_mask(image, interaction.state)
+        path = write_mask(image.volume, mask, options.extension, options.dtype)
+        seconds = time.perf_counter() - began
+        logger.info("%s %s for %s on %s: %.2f s", action, options.label, options.client or "anonymous client", Path(key[0]).name, seconds)
+        return path, {
+            "label_names": {options.label: 1},
+            "interaction": action,
+            "adapter": self.watcher.serving.name if self.watcher.serving else None,
+            "latencies": {"total": round(seconds, 3)},
+        }
+
+    def _image(self, path: Optional[str], engine: Engine) -> tuple[ImageKey, PreparedImage]:
+        """The prepared image at `path` (from the LRU when the file is unchanged); 404 if absent,
+        422 if it cannot be read as a 3D image."""
+        if not path or not os.path.isfile(path):
+            raise HTTPException(404, "image not found: give the id of an image in this server's datastore")
+        stat = os.stat(path)
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        image = self.images.get(key)
+        if image is None:
+            try:
+                image = engine.prepare(load_volume(path))
+            except VolumeError as error:
+                raise HTTPException(422, str(error)) from error
+            self.images.put(key, image)
+        return key, image
+
+    def _interact(self, engine: Engine, image: PreparedImage, key: tuple, reset: bool, prompts: Prompts) -> tuple[str, Interaction]:
+        """Segment, refine or keep the state under `key` for `prompts`; return what was done and
+        the interaction now stored."""
+        previous = None if reset else self.interactions.get(key)
+        action, foreground, background = plan(previous, prompts)
+        try:
+            if action == SEGMENT:
+                state = engine.segment(image, prompts.label, foreground, background, prompts.roi)
+            elif action == REFINE:
+                state = engine.refine(image, previous.state, foreground, background)
+            else:
+                state = previous.state
+        except PromptError as error:
+            raise HTTPException(400, str(error)) from error
+        interaction = Interaction(prompts, state)
+        self.interactions.put(key, interaction)
+        return action, interaction
+
+
+def read_options(request: Dict[str, Any], labels: LabelSet) -> Options:
+    """Check the request's other parameters; 400 with what to fix if one is unusable."""
+    label = request.get("label")
+    if not isinstance(label, str) or label not in labels:
+        raise HTTPException(400, f"label must name a structure of label set {labels.name}, got {label!r}; choose one of {', '.join(labels.names)}")
+    return Options(
+        label=labels[label].name,
+        reset=read_flag(request.get("reset_state", False), "reset_state"),
+        extension=read_extension(request.get("result_extension") or ".nii.gz"),
+        dtype=read_dtype(request.get("result_dtype") or "uint8"),
+        client=str(request.get("client_id") or ""),
+    )
+
+
+def read_flag(value: Any, name: str) -> bool:
+    """A boolean parameter, sent as JSON true/false or as the string "true"/"false"."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise HTTPException(400, f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def read_extension(value: Any) -> str:
+    """The result file extension, with or without its leading dot."""
+    extension = str(value) if str(value).startswith(".") else f".{value}"
+    if extension not in EXTENSIONS:
+        raise HTTPException(400, f"result_extension must be one of {', '.join(EXTENSIONS)}, got {value!r}")
+    return extension
+
+
+def read_dtype(value: Any) -> np.dtype:
+    """The numeric type of the result voxels, e.g. uint8."""
+    try:
+        dtype = np.dtype(value)
+        numeric = bool(np.issubdtype(dtype, np.number))
+    except (TypeError, ValueError):
+        numeric = False
+    if not numeric:
+        raise HTTPException(400, f"result_dtype must name a numeric type such as uint8, got {value!r}")
+    return dtype
+
+
+def read_prompts(request: Dict[str, Any], label: str, image: PreparedImage) -> Prompts:
+    """Check the clicks and roi against the image; 400 with what to fix if one is unusable.
+    An absent or empty roi means none."""
+    roi = request.get("roi") or None
+    try:
+        foreground = parse_points(request.get("foreground"), image.volume, "foreground")
+        background = parse_points(request.get("background"), image.volume, "background")
+        if roi is not None:
+            parse_roi(roi, image.volume, image.view)
+    except PromptError as error:
+        raise HTTPException(400, str(error)) from error
+    return Prompts(
+        label=label,
+        foreground=tuple(dict.fromkeys(map(tuple, foreground.tolist()))),
+        background=tuple(dict.fromkeys(map(tuple, background.tolist()))),
+        roi=tuple(np.asarray(roi, dtype=float).reshape(-1)) if roi is not None else None,
+    )

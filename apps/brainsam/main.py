@@ -1,0 +1,38 @@
+"""MONAI Label app: click or box a deep brain structure in 3D Slicer, get its 3D mask from brainsam.
+
+    monailabel start_server --app apps/brainsam --studies DIR [--conf KEY VALUE ...]
+
+Settings (--conf) are listed in lib/configs/brainsam.py.
+"""
+
+import os
+from importlib.metadata import version
+from typing import Dict
+
+from lib.configs import BrainSam
+
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+
+class BrainSamApp(MONAILabelApp):
+    """Serves one interactive model, `brainsam`.
+
+    Construction only reads settings: train, scoring and batch-infer subprocesses build the app
+    again, so the network loads at the first inference request.
+    """
+
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        self.task = BrainSam()
+        self.task.init("brainsam", os.path.join(app_dir, "model"), conf, planner=None)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="brainsam",
+            description="Deep brain structures in MRI with a LoRA-adapted Segment Anything",
+            version=version("brainsam"),
+        )
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        return {self.task.name: self.task.infer()}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up brainsam from a fresh clone: .venv at the repo root with the pinned requirements and
+# brainsam itself, and the built-in sample data (Colin27 from Debian's mricron-data) in sample-data/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+echo "== installing pinned requirements (first time: several minutes, ~8 GB with torch)"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+
+if [ ! -f /usr/share/mricron/templates/ch2.nii.gz ]; then
+  echo "== installing the sample data package mricron-data"
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -q mricron-data || (apt-get update -q && apt-get install -y -q mricron-data)) >/dev/null
+  else
+    sudo apt-get install -y -q mricron-data >/dev/null
+  fi
+fi
+.venv/bin/python -m brainsam.sample sample-data
+echo "== ready"
