@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export MONAI_LABEL_TRACKING_ENABLED=false
-exec .venv/bin/monailabel start_server --app apps/brainsam --studies sample-data/studies --host 127.0.0.1 --port 8000 "$@"
+exec .venv/bin/python -m monailabel.main start_server --app apps/brainsam --studies sample-data/studies --host 127.0.0.1 --port 8000 "$@"

@@ -137,3 +137,13 @@ def test_vit_b_checkpoint_from_the_user_runs_through_the_same_interface(tmp_path
     assert logits.shape == (3, 256, 256) and iou.shape == (3,)
     settings = add_lora(backbone, LoraSettings(rank=4))
     assert len(settings.target_modules) == 12  # one qkv per ViT-B block
+
+
+def test_malformed_manifest_is_an_adapter_error(tmp_path) -> None:
+    backbone = load_backbone("litemedsam")
+    settings = add_lora(backbone, LoraSettings(rank=2))
+    manifest = build_manifest(backbone, settings, [])
+    for broken in ({k: v for k, v in manifest.items() if k != "lora"}, {**manifest, "lora": {"rank": 2, "colour": "red"}}):
+        path = save_adapter(backbone, broken, tmp_path / "broken.safetensors")
+        with pytest.raises(AdapterError, match="malformed manifest"):
+            load_adapter(load_backbone("litemedsam"), path)

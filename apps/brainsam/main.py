@@ -32,6 +32,7 @@ class BrainSamApp(MONAILabelApp):
             name="brainsam",
             description="Deep brain structures in MRI with a LoRA-adapted Segment Anything",
             version=version("brainsam"),
+            labels=self.task.label_set.names,
         )
 
     def init_infers(self) -> Dict[str, InferTask]:

@@ -92,10 +92,14 @@ def load_adapter(backbone: Backbone, path: str | Path) -> dict[str, Any]:
     """Inject the adapter's LoRA layers into a fresh `backbone` and load its weights; return the manifest."""
     manifest = read_manifest(path)
     check_compatible(manifest, backbone, path)
-    lora = dict(manifest["lora"])
-    lora["blocks"] = None if lora.get("blocks") is None else tuple(lora["blocks"])
-    lora["target_modules"] = tuple(lora.get("target_modules", ()))
-    add_lora(backbone, LoraSettings(**lora))
+    try:
+        lora = dict(manifest["lora"])
+        lora["blocks"] = None if lora.get("blocks") is None else tuple(lora["blocks"])
+        lora["target_modules"] = tuple(lora.get("target_modules", ()))
+        settings = LoraSettings(**lora)
+    except (KeyError, TypeError, ValueError) as error:
+        raise AdapterError(f"{path} has a malformed manifest (lora settings): {error!r}") from error
+    add_lora(backbone, settings)
     try:
         weights = load_file(str(path))
     except (SafetensorError, OSError) as error:

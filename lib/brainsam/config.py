@@ -38,7 +38,7 @@ class EngineConfig:
     checkpoint: str | None = None
     checkpoint_dir: str = "~/.cache/brainsam"
     device: str = "cpu"
-    axis: str = "axial"
+    axis: str = "sagittal"
     fov_mm: float = 160.0
     cache_mb: int = 2048
     encode_batch: int = 4

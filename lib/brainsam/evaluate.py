@@ -1,11 +1,11 @@
 """Accuracy under a simulated annotator: Dice and HD95 per structure after a box or k clicks.
 
     python -m brainsam.evaluate ../shared/data/fs-aseg --labels aseg.nii.gz \
-        --mapping configs/mappings/aseg.yaml --mode clicks --clicks 3 -o results.json
+        --mapping configs/mappings/aseg.yaml --modes box clicks --clicks 3 -o results.json
 
 The robot annotator clicks first at the most interior voxel of the structure, then each time at
 the most interior voxel of the largest error region: foreground where the structure was missed,
-background where the mask spilled over. `--mode box` gives a tight 3D box (the label's bounding
+background where the mask spilled over. Mode `box` gives a tight 3D box (the label's bounding
 box, as a Slicer ROI) and nothing else.
 """
 
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image", default="T1.nii.gz", help="image file name in each subject folder")
     parser.add_argument("--labels", default="aseg.nii.gz", help="label file name in each subject folder")
     parser.add_argument("--mapping", default="configs/mappings/aseg.yaml", help="structure name -> label id YAML")
-    parser.add_argument("--mode", choices=["box", "clicks"], default="clicks")
+    parser.add_argument("--modes", nargs="+", choices=["box", "clicks"], default=["clicks"], help="box and/or clicks; one run shares the slice embeddings")
     parser.add_argument("--clicks", type=int, default=1, help="robot clicks per structure (mode clicks)")
     parser.add_argument("--structures", nargs="+", help="only these structures")
     parser.add_argument("--subjects", nargs="+", help="only these subject folder names")
@@ -146,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             truth = labels == mapping[name]
             if not truth.any():
                 continue
-            for row in evaluate_structure(engine, image, truth, name, args.mode, args.clicks, spacing):
-                rows.append({"subject": subject.name, "structure": name, **row})
-                print(f"{subject.name} {name:22s} {row['mode']} {row['clicks']} dice {row['dice']:.3f} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+            for mode in args.modes:
+                for row in evaluate_structure(engine, image, truth, name, mode, args.clicks, spacing):
+                    rows.append({"subject": subject.name, "structure": name, **row})
+                    print(f"{subject.name} {name:22s} {mode} {row['clicks']} dice {row['dice']:.3f} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
         engine.predictor.cache.clear()
     print(summarise(rows))
     timings, counts = engine.predictor.timings, engine.predictor.counts

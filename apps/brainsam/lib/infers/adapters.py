@@ -43,7 +43,7 @@ class AdapterWatcher:
             if candidate == self._served or (candidate not in self._refused and self._load(candidate)):
                 break
         if self._engine is None:
-            logger.info("no usable adapter in %s: serving the base %s model", self.source, self.config.backbone)
+            logger.info("no usable adapter (adapter %s): serving the base %s model", self.source or "none", self.config.backbone)
             self._engine = Engine(self.config, self.labels)
         return self._engine
 
@@ -51,7 +51,7 @@ class AdapterWatcher:
         """Adapter files in `source`, newest first."""
         if self.source is None:
             return []
-        paths = sorted(self.source.glob("*.safetensors")) if self.source.is_dir() else [self.source]
+        paths = list(self.source.glob("*.safetensors")) if self.source.is_dir() else [self.source]
         found = []
         for path in paths:
             try:

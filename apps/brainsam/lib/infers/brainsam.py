@@ -4,7 +4,7 @@ A request (POST /infer/brainsam?image=<id>, params as 3D Slicer sends them) carr
 `foreground` and `background` clicks (stored voxel indices), optionally `roi`, `reset_state`,
 `result_extension`, `result_dtype` and `client_id`. The first prompt segments the structure in
 3D; later clicks refine it. Each (client_id, image) keeps the state of its current structure,
-so annotators never see each other's work.
+so annotators never see each other's work (requests without client_id share one state).
 
 Requests run one at a time on the server's event loop, so the image and the prompts are
 checked before any slow work, and a bad request answers 4xx with what to fix.
@@ -66,7 +66,7 @@ class BrainSamInfer(InferTask):
             type=InferType.DEEPGROW,
             labels={structure.name: structure.id for structure in labels.structures},
             dimension=3,
-            description=f"Click or box a deep brain structure, get its 3D mask ({config.backbone} with LoRA adapter)",
+            description=f"Click or box a deep brain structure, get its 3D mask (SAM backbone {config.backbone})",
         )
         self.label_set = labels
         self.watcher = AdapterWatcher(config, labels, adapters)

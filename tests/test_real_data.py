@@ -1,0 +1,62 @@
+"""The engine on real subjects from ../shared/data (skipped with a reason when absent).
+
+Thresholds sit below what `python -m brainsam.evaluate` measured zero-shot (numbers in each
+comment), leaving room for run-to-run differences of the CPU kernels, not for regressions.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brainsam.engine import Engine
+from brainsam.evaluate import interior_voxel, next_click, roi_of
+from brainsam.labels import load_mapping
+from brainsam.labels import CONFIGS
+from brainsam.propagation import dice
+from brainsam.volume import load_volume
+
+from .conftest import require_data
+
+pytestmark = pytest.mark.realdata
+
+
+def load_subject(engine: Engine, folder, labels_name: str, mapping: str, structure: str):
+    volume = load_volume(folder / "T1.nii.gz")
+    truth = np.asanyarray(nib.load(str(folder / labels_name)).dataobj) == load_mapping(CONFIGS / "mappings" / mapping)[structure]
+    return engine.prepare(volume), truth
+
+
+def test_fs_aseg_pallidum_from_a_box_and_a_click(engine: Engine) -> None:
+    folder = require_data("fs-aseg", "sub-01")
+    image, truth = load_subject(engine, folder, "aseg.nii.gz", "aseg.yaml", "Left-Pallidum")
+    box_mask = engine.stored_mask(image, engine.segment(image, "Left-Pallidum", roi=roi_of(truth))) > 0
+    assert box_mask.shape == truth.shape
+    # measured BOX_MEASURED on sub-01 (runs/zeroshot_fs.json)
+    assert dice(box_mask, truth) > BOX_THRESHOLD
+    click = interior_voxel(truth, (1.0, 1.0, 1.0))
+    click_mask = engine.stored_mask(image, engine.segment(image, "Left-Pallidum", [click.tolist()])) > 0
+    # measured CLICK_MEASURED on sub-01 (runs/zeroshot_fs.json)
+    assert dice(click_mask, truth) > CLICK_THRESHOLD
+
+
+def test_ixi_muse_2mm_psr_subject_with_a_box(engine: Engine) -> None:
+    folder = require_data("ixi-muse", "IXI012-HH-1211")
+    image, truth = load_subject(engine, folder, "muse.nii.gz", "muse.yaml", "Left-Putamen")
+    mask = engine.stored_mask(image, engine.segment(image, "Left-Putamen", roi=roi_of(truth))) > 0
+    assert mask.shape == truth.shape
+    # measured IXI_MEASURED (2 mm, another scanner and labelling protocol)
+    assert dice(mask, truth) > IXI_THRESHOLD
+
+
+def test_robot_clicks_at_the_largest_error() -> None:
+    truth = np.zeros((20, 20, 20), bool)
+    truth[5:15, 5:15, 5:15] = True
+    first = interior_voxel(truth, (1.0, 1.0, 1.0))
+    assert truth[tuple(first)]
+    spill = truth.copy()
+    spill[5:15, 5:15, 15:19] = True
+    point, foreground = next_click(truth, spill, (1.0, 1.0, 1.0))
+    assert not foreground and spill[tuple(point)] and not truth[tuple(point)]
+    assert next_click(truth, truth, (1.0, 1.0, 1.0)) is None
