@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .adapters import load_adapter
 from .backbones import Backbone, load_backbone
@@ -81,8 +80,3 @@ class Engine:
         bg = parse_points(background, image.volume, "background")
         return points_to_view(fg, image.volume, image.view), points_to_view(bg, image.volume, image.view)
 
-
-def set_threads(threads: int | None) -> None:
-    """Limit torch's CPU threads (the server shares its cores with annotators' requests)."""
-    if threads:
-        torch.set_num_threads(threads)

@@ -103,10 +103,6 @@ class Predictor:
                 self.cache.put(key, found[key])
         return [found[key] for key in keys]
 
-    def precompute(self, image: PreparedImage, slices: range) -> None:
-        """Encode a range of slices in the default window ahead of the first click."""
-        self.embeddings(image, image.window, list(slices))
-
     @torch.inference_mode()
     def predict(self, image: PreparedImage, window: Window, index: int, prompt: SlicePrompt) -> SliceResult:
         """Decode one slice's prompt into a full-slice mask, choosing among multimask outputs."""

@@ -34,15 +34,6 @@ class Window:
         """Hashable identity of the window, part of the embedding cache key."""
         return (self.row, self.col, self.height, self.width)
 
-    def contains(self, rows: tuple[int, int], cols: tuple[int, int]) -> bool:
-        """Whether the pixel ranges [r0, r1] x [c0, c1] lie inside the window."""
-        return (
-            rows[0] >= self.row
-            and rows[1] < self.row + self.height
-            and cols[0] >= self.col
-            and cols[1] < self.col + self.width
-        )
-
 
 class SliceView:
     """The volume seen as a stack of display-oriented slices along one canonical axis."""
