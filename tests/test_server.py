@@ -2,9 +2,10 @@
 
 Starts `python -m monailabel.main start_server --app apps/brainsam` on 127.0.0.1 over a temporary
 studies folder holding one FreeSurfer subject (1 mm, LIA) and one IXI subject (2 mm, PSR), and
-sends requests with monailabel's own client. Runtime is dominated by the first prompt on each
-image, which encodes its slices; every later request reuses them, so the tests stick to small
-structures and each image is prompted cold once.
+sends requests with monailabel's own client; one more test starts it, as scripts/demo.sh does,
+over the built-in sample (Colin27 with AAL reference labels, from brainsam.sample). Runtime is
+dominated by the first prompt on each image, which encodes its slices; every later request
+reuses them, so the tests stick to small structures and each image is prompted cold once.
 
 Dice thresholds below are about half of what the base LiteMedSAM model measured on these
 subjects (numbers in the comments): they catch a mask on the wrong grid, side or structure
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +40,7 @@ from brainsam.adapters import build_manifest, save_adapter
 from brainsam.backbones import Backbone, load_backbone
 from brainsam.labels import load_label_set, load_mapping
 from brainsam.lora import LoraSettings, add_lora
+from brainsam.sample import INSTALL_HINT, MRICRON, write_sample
 
 from .conftest import require_data
 
@@ -110,13 +113,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(studies: Path, fs: Subject, ixi: Subject, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The real server over `studies` (both subjects copied in first), watching an empty
-    adapter folder; stopped with its whole process group afterwards."""
-    work = tmp_path_factory.mktemp("server")
+@contextmanager
+def running_server(studies: Path, work: Path) -> Iterator[Server]:
+    """The real server over `studies`, started as scripts/demo.sh starts it, watching an empty
+    adapter folder under `work` (as the demo's default folder is on a fresh checkout); stopped
+    with its whole process group afterwards."""
     adapters, log = work / "adapters", work / "server.log"
-    adapters.mkdir()
+    adapters.mkdir(parents=True)
     port = free_port()
     command = [
         sys.executable, "-m", "monailabel.main", "start_server",
@@ -134,6 +137,13 @@ def server(studies: Path, fs: Subject, ixi: Subject, tmp_path_factory: pytest.Te
         yield Server(url, adapters, log)
     finally:
         stop(process)
+
+
+@pytest.fixture(scope="module")
+def server(studies: Path, fs: Subject, ixi: Subject, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The real server over `studies`, both subjects copied in first."""
+    with running_server(studies, tmp_path_factory.mktemp("server")) as running:
+        yield running
 
 
 def wait_for_info(url: str, process: subprocess.Popen, log: Path) -> None:
@@ -223,14 +233,19 @@ def refused(status: int, client: MONAILabelClient, subject: Subject, params: dic
     return json.loads(match.group(2))["detail"]
 
 
-def test_info_lists_the_model_with_the_label_set(server: Server) -> None:
-    info = MONAILabelClient(server.url).info()
+def check_info(url: str) -> None:
+    """/info lists the 3D deepgrow model `brainsam` with the default label set (names, ids, colours)."""
+    info = MONAILabelClient(url).info()
     labels = load_label_set()
     model = info["models"][MODEL]
     assert (model["type"], model["dimension"]) == ("deepgrow", 3)
     assert model["labels"] == {s.name: s.id for s in labels.structures}
     assert model["label_colors"] == {s.name: list(s.color) for s in labels.structures}
     assert info["labels"] == labels.names
+
+
+def test_info_lists_the_model_with_the_label_set(server: Server) -> None:
+    check_info(server.url)
 
 
 def test_clicks_segment_then_corrective_clicks_refine(server: Server, ixi: Subject, tmp_path: Path) -> None:
@@ -370,3 +385,24 @@ def test_newest_adapter_serves_without_restart_and_bad_ones_are_refused(server: 
     log = server.log.read_text()
     assert "serving the base litemedsam model" in log
     assert "refused adapter" in log and "corrupt.safetensors" in log and "other.safetensors" in log
+
+
+def test_demo_serves_the_builtin_sample(tmp_path: Path) -> None:
+    """What README promises of `bash scripts/demo.sh`: the sample written by
+    `python -m brainsam.sample` (Colin27 and its AAL reference), served by the real server,
+    answers /info and a box round a structure with a mask on the image's grid."""
+    for path in (MRICRON / "ch2.nii.gz", MRICRON / "aal.nii.gz"):
+        if not path.is_file():
+            pytest.skip(f"sample not available: {path} is absent; {INSTALL_HINT}")
+    image_path, reference_path = write_sample(tmp_path)
+    image = nib.load(image_path)
+    labels = load_label_set()
+    assert len(labels.names) == 17
+    ids = {s.name: s.id for s in labels.structures}  # the reference is written in the label set's ids
+    sample = Subject("colin27", tuple(image.shape), image.affine, np.asarray(nib.load(reference_path).dataobj), ids)
+    truth = sample.truth("Left-Pallidum")
+    with running_server(tmp_path / "studies", tmp_path / "server") as server:
+        check_info(server.url)
+        mask, result = infer(server.client("demo", tmp_path), sample, {"label": "Left-Pallidum", "roi": roi_of(truth)})
+    assert result["interaction"] == "segment"
+    assert dice(mask, truth) > 0.21  # measured 0.42 against AAL, a coarse atlas (2285 voxels at 1 mm)
