@@ -42,6 +42,7 @@ class Segmentation:
     clicks: (slice, row, col, label) with label 1 foreground, 0 background.
     box: the user's box, if any; results never leave it.
     limits: first and last slice the walk may reach.
+    seed: the slice the first answer grew from.
     """
 
     window: Window
@@ -49,6 +50,7 @@ class Segmentation:
     clicks: list[tuple[int, int, int, int]] = field(default_factory=list)
     box: ViewBox | None = None
     limits: tuple[int, int] = (0, 0)
+    seed: int = 0
 
     def stack(self, shape: tuple[int, int, int]) -> np.ndarray:
         """The 3D mask as a uint8 [slice, row, col] stack of `shape`."""
@@ -158,7 +160,7 @@ class Predictor:
             seed_slice = int(seed_point[0])
         window = image.view.window_for(image.window, region.rows, region.cols)
         limits = box.slices if box is not None else prior_box(seed_point, extent_mm, image.view, self.config.walk_scale).slices
-        state = Segmentation(window=window, box=box, limits=limits)
+        state = Segmentation(window=window, box=box, limits=limits, seed=seed_slice)
         state.clicks = [(*map(int, p), 1) for p in foreground] + [(*map(int, p), 0) for p in background]
         seed = self._seed(image, state, seed_slice, (region.rows, region.cols))
         if seed is None:
@@ -198,8 +200,9 @@ class Predictor:
     def _predict_with_clicks(self, image: PreparedImage, state: Segmentation, index: int, box: tuple | None, earlier: SliceResult | None) -> SliceResult:
         """Predict slice `index` with `box`, the clicks on it and, if configured, `earlier`'s logits.
 
-        A background click the model does not honour removes the connected piece under it:
-        the annotator said that voxel is not the structure, and that must hold.
+        A background click the model does not honour must hold all the same: the mask is cut
+        to the box where the box excludes the click (the part beyond the box's edge goes),
+        otherwise the connected piece under the click goes.
         """
         on_slice = [c for c in state.clicks if c[0] == index]
         points = np.array([[c[1], c[2]] for c in on_slice], dtype=np.int64).reshape(-1, 2)
@@ -209,7 +212,13 @@ class Predictor:
         prompt = SlicePrompt(box, points if prompted else points[:0], labels if prompted else labels[:0], mask_logits)
         result = self.predict(image, state.window, index, prompt)
         for row, col in points[labels == 0]:
-            if result.mask[row, col]:
+            if not result.mask[row, col]:
+                continue
+            if box is not None and not (box[0][0] <= row <= box[0][1] and box[1][0] <= col <= box[1][1]):
+                inside = np.zeros_like(result.mask)
+                inside[max(box[0][0], 0) : box[0][1] + 1, max(box[1][0], 0) : box[1][1] + 1] = True
+                result.mask &= inside
+            else:
                 pieces, _ = ndimage.label(result.mask)
                 result.mask[pieces == pieces[row, col]] = False
         return result
@@ -252,11 +261,10 @@ class Predictor:
         propagate(predict, state.slices, index, -1, state.limits[0], self.rule, clamp)
 
     def _truncate_after_empty(self, state: Segmentation, index: int) -> None:
-        """After a slice was emptied, drop the slices beyond it, away from the rest of the mask."""
-        above = [k for k in state.slices if k > index]
-        below = [k for k in state.slices if k < index]
-        drop = above if len(above) < len(below) else below
-        for key in drop:
+        """After a slice was emptied, drop the slices beyond it, away from the seed: the
+        structure cannot skip a slice on its way out."""
+        step = np.sign(index - state.seed)
+        for key in [k for k in state.slices if step and (k - index) * step > 0]:
             del state.slices[key]
 
     @staticmethod
