@@ -12,8 +12,7 @@ import pytest
 
 from brainsam.engine import Engine
 from brainsam.evaluate import interior_voxel, next_click, roi_of
-from brainsam.labels import load_mapping
-from brainsam.labels import CONFIGS
+from brainsam.labels import CONFIGS, load_mapping
 from brainsam.propagation import dice
 from brainsam.volume import load_volume
 
@@ -28,17 +27,17 @@ def load_subject(engine: Engine, folder, labels_name: str, mapping: str, structu
     return engine.prepare(volume), truth
 
 
-def test_fs_aseg_pallidum_from_a_box_and_a_click(engine: Engine) -> None:
+def test_fs_aseg_caudate_from_a_box_and_a_click(engine: Engine) -> None:
     folder = require_data("fs-aseg", "sub-01")
-    image, truth = load_subject(engine, folder, "aseg.nii.gz", "aseg.yaml", "Left-Pallidum")
-    box_mask = engine.stored_mask(image, engine.segment(image, "Left-Pallidum", roi=roi_of(truth))) > 0
+    image, truth = load_subject(engine, folder, "aseg.nii.gz", "aseg.yaml", "Left-Caudate")
+    box_mask = engine.stored_mask(image, engine.segment(image, "Left-Caudate", roi=roi_of(truth))) > 0
     assert box_mask.shape == truth.shape
-    # measured BOX_MEASURED on sub-01 (runs/zeroshot_fs.json)
-    assert dice(box_mask, truth) > BOX_THRESHOLD
+    # measured 0.745 on sub-01 (python -m brainsam.evaluate, README 'Measured')
+    assert dice(box_mask, truth) > 0.6
     click = interior_voxel(truth, (1.0, 1.0, 1.0))
-    click_mask = engine.stored_mask(image, engine.segment(image, "Left-Pallidum", [click.tolist()])) > 0
-    # measured CLICK_MEASURED on sub-01 (runs/zeroshot_fs.json)
-    assert dice(click_mask, truth) > CLICK_THRESHOLD
+    click_mask = engine.stored_mask(image, engine.segment(image, "Left-Caudate", [click.tolist()])) > 0
+    # measured 0.690 on sub-01 (python -m brainsam.evaluate, README 'Measured')
+    assert dice(click_mask, truth) > 0.5
 
 
 def test_ixi_muse_2mm_psr_subject_with_a_box(engine: Engine) -> None:
@@ -46,8 +45,10 @@ def test_ixi_muse_2mm_psr_subject_with_a_box(engine: Engine) -> None:
     image, truth = load_subject(engine, folder, "muse.nii.gz", "muse.yaml", "Left-Putamen")
     mask = engine.stored_mask(image, engine.segment(image, "Left-Putamen", roi=roi_of(truth))) > 0
     assert mask.shape == truth.shape
-    # measured IXI_MEASURED (2 mm, another scanner and labelling protocol)
-    assert dice(mask, truth) > IXI_THRESHOLD
+    # measured 0.509 (2 mm, another scanner and labelling protocol), with
+    # python -m brainsam.evaluate ../shared/data/ixi-muse --labels muse.nii.gz --mapping configs/mappings/muse.yaml
+    #     --subjects IXI012-HH-1211 --structures Left-Putamen --modes box
+    assert dice(mask, truth) > 0.35
 
 
 def test_robot_clicks_at_the_largest_error() -> None:
