@@ -27,13 +27,18 @@ def load_subject(engine: Engine, folder, labels_name: str, mapping: str, structu
     return engine.prepare(volume), truth
 
 
+def box_mask(engine: Engine, image, structure: str, truth: np.ndarray) -> np.ndarray:
+    """The engine's mask for a tight box round `truth`, checked to be on the truth's grid."""
+    mask = engine.stored_mask(image, engine.segment(image, structure, roi=roi_of(truth))) > 0
+    assert mask.shape == truth.shape
+    return mask
+
+
 def test_fs_aseg_caudate_from_a_box_and_a_click(engine: Engine) -> None:
     folder = require_data("fs-aseg", "sub-01")
     image, truth = load_subject(engine, folder, "aseg.nii.gz", "aseg.yaml", "Left-Caudate")
-    box_mask = engine.stored_mask(image, engine.segment(image, "Left-Caudate", roi=roi_of(truth))) > 0
-    assert box_mask.shape == truth.shape
     # measured 0.745 on sub-01 (python -m brainsam.evaluate, README 'Measured')
-    assert dice(box_mask, truth) > 0.6
+    assert dice(box_mask(engine, image, "Left-Caudate", truth), truth) > 0.6
     click = interior_voxel(truth, (1.0, 1.0, 1.0))
     click_mask = engine.stored_mask(image, engine.segment(image, "Left-Caudate", [click.tolist()])) > 0
     # measured 0.690 on sub-01 (python -m brainsam.evaluate, README 'Measured')
@@ -43,8 +48,7 @@ def test_fs_aseg_caudate_from_a_box_and_a_click(engine: Engine) -> None:
 def test_ixi_muse_2mm_psr_subject_with_a_box(engine: Engine) -> None:
     folder = require_data("ixi-muse", "IXI012-HH-1211")
     image, truth = load_subject(engine, folder, "muse.nii.gz", "muse.yaml", "Left-Putamen")
-    mask = engine.stored_mask(image, engine.segment(image, "Left-Putamen", roi=roi_of(truth))) > 0
-    assert mask.shape == truth.shape
+    mask = box_mask(engine, image, "Left-Putamen", truth)
     # measured 0.509 (2 mm, another scanner and labelling protocol), with
     # python -m brainsam.evaluate ../shared/data/ixi-muse --labels muse.nii.gz --mapping configs/mappings/muse.yaml
     #     --subjects IXI012-HH-1211 --structures Left-Putamen --modes box
