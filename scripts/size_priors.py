@@ -1,7 +1,7 @@
 """Print typical structure sizes (median bounding box along R, A, S in mm) over a labelled folder.
 
 The `extent_mm` priors in configs/labels/freesurfer_subcortical.yaml come from:
-    python scripts/size_priors.py ../shared/data/ixi-muse --image T1.nii.gz --labels muse.nii.gz --mapping configs/mappings/muse.yaml
+    python scripts/size_priors.py ../shared/data/ixi-muse --labels muse.nii.gz --mapping configs/mappings/muse.yaml
 (the cross-domain set, so the fs-aseg benchmark subjects do not inform their own prompts).
 """
 
