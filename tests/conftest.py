@@ -27,6 +27,9 @@ def require_data(*parts: str) -> Path:
 
 PHANTOM_EXTENT = (16.0, 20.0, 12.0)
 PHANTOM_LABELS = LabelSet("phantom", (Structure("Blob", 1, (255, 0, 0), PHANTOM_EXTENT),), (20.0, 20.0, 20.0))
+NARROW_PHANTOM = {"centre": (24, 26, 20), "radii": (2, 10, 6)}
+"""make_phantom arguments for a structure on only 5 sagittal slices (x 22..26), centred in the
+head: few slices to encode where a test needs them all."""
 
 
 def make_phantom(shape: tuple[int, int, int] = (48, 48, 40), centre=(24, 26, 20), radii=(8, 10, 6)) -> tuple[np.ndarray, np.ndarray]:

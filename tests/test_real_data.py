@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from brainsam.engine import Engine
-from brainsam.evaluate import interior_voxel, next_click, roi_of
+from brainsam.evaluate import roi_of
+from brainsam.robot import interior_voxel, next_click
 from brainsam.labels import CONFIGS, load_mapping
 from brainsam.propagation import dice
 from brainsam.volume import load_volume

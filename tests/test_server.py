@@ -33,7 +33,7 @@ import nrrd
 import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
-from monailabel.client.client import MONAILabelClientException
+from monailabel.client.client import MONAILabelClientException, MONAILabelUtils
 from scipy import ndimage
 
 from brainsam.adapters import build_manifest, save_adapter
@@ -42,7 +42,7 @@ from brainsam.labels import load_label_set, load_mapping
 from brainsam.lora import LoraSettings, add_lora
 from brainsam.sample import INSTALL_HINT, MRICRON, write_sample
 
-from .conftest import require_data
+from .conftest import NARROW_PHANTOM, make_phantom, require_data
 
 pytestmark = pytest.mark.server
 
@@ -72,11 +72,12 @@ class Subject:
 
 @dataclass
 class Server:
-    """A running server: its address, the adapter folder it watches and its log file."""
+    """A running server: its address, the adapter folder it watches, its log file and process id."""
 
     url: str
     adapters: Path
     log: Path
+    pid: int
 
     def client(self, client_id: str, tmp_path: Path) -> MONAILabelClient:
         return MONAILabelClient(self.url, tmpdir=str(tmp_path), client_id=client_id)
@@ -114,10 +115,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(studies: Path, work: Path) -> Iterator[Server]:
+def running_server(studies: Path, work: Path, precompute: bool = False, conf: dict[str, str] | None = None) -> Iterator[Server]:
     """The real server over `studies`, started as scripts/demo.sh starts it, watching an empty
-    adapter folder under `work` (as the demo's default folder is on a fresh checkout); stopped
-    with its whole process group afterwards."""
+    adapter folder under `work` (as the demo's default folder is on a fresh checkout) and
+    keeping embeddings under `work`; stopped with its whole process group afterwards.
+
+    precompute: run MONAI Label's scoring at start-up, which precomputes embeddings.
+    conf: more --conf settings.
+    """
     adapters, log = work / "adapters", work / "server.log"
     adapters.mkdir(parents=True)
     port = free_port()
@@ -125,16 +130,18 @@ def running_server(studies: Path, work: Path) -> Iterator[Server]:
         sys.executable, "-m", "monailabel.main", "start_server",
         "--app", str(ROOT / "apps" / "brainsam"), "--studies", str(studies),
         "--host", "127.0.0.1", "--port", str(port),
-        "--conf", "adapter", str(adapters),
+        "--conf", "adapter", str(adapters), "--conf", "embedding_dir", str(work / "embeddings"),
     ]  # fmt: skip
-    # no MLflow (it refuses the file store) and no scoring subprocess at start-up
-    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    for key, value in (conf or {}).items():
+        command += ["--conf", key, value]
+    # no MLflow (it refuses the file store); a scoring subprocess at start-up only if asked
+    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": str(precompute).lower()}
     with open(log, "w") as output:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for_info(url, process, log)
-        yield Server(url, adapters, log)
+        yield Server(url, adapters, log, process.pid)
     finally:
         stop(process)
 
@@ -158,6 +165,19 @@ def wait_for_info(url: str, process: subprocess.Popen, log: Path) -> None:
         except (OSError, MONAILabelClientException):
             time.sleep(0.5)
     pytest.fail(f"server did not answer /info within {STARTUP_S} s:\n{log.read_text()[-3000:]}")
+
+
+def wait_for_scoring(url: str, timeout_s: float) -> dict:
+    """The scoring task (precomputation) started with the server, once it has finished; raise
+    TimeoutError if it has not within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, response, _, _ = MONAILabelUtils.http_method("GET", url, "/scoring/")
+        task = json.loads(response) if status == 200 else {}
+        if task.get("status") in ("DONE", "ERROR", "STOPPED"):
+            return task
+        time.sleep(1)
+    raise TimeoutError(f"scoring did not finish within {timeout_s} s")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -387,6 +407,26 @@ def test_newest_adapter_serves_without_restart_and_bad_ones_are_refused(server: 
     log = server.log.read_text()
     assert "serving the base litemedsam model" in log
     assert "refused adapter" in log and "corrupt.safetensors" in log and "other.safetensors" in log
+
+
+def test_start_up_precomputes_embeddings_for_the_first_click(tmp_path: Path) -> None:
+    """MONAI Label's scoring run at start-up encodes the central slices of every image into the
+    store (an unreadable image is logged and skipped); a first prompt on those slices then
+    encodes nothing. (A narrow phantom and precompute_mm 1 keep it to 3 slices.)"""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    image, truth = make_phantom(**NARROW_PHANTOM)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), studies / "phantom.nii.gz")
+    (studies / "broken.nii.gz").write_bytes(b"not an image")
+    phantom = Subject("phantom", image.shape, np.eye(4), truth.astype(np.uint8), {"Left-Putamen": 1})
+    with running_server(studies, tmp_path / "server", precompute=True, conf={"precompute_mm": "1"}) as server:
+        assert wait_for_scoring(server.url, STARTUP_S)["status"] == "DONE"
+        log = server.log.read_text()
+        assert "precompute: skipped broken" in log and "precompute: phantom: 3 slices encoded" in log
+        # a box on the precomputed slices 23..25 keeps the walk there
+        mask, result = infer(server.client("annotator-g", tmp_path), phantom, {"label": "Left-Putamen", "roi": [23, 25, 14, 38, 12, 28]})
+    assert result["interaction"] == "segment" and result["encoded_slices"] == 0
+    assert dice(mask, truth) > 0.3
 
 
 def test_demo_serves_the_builtin_sample(tmp_path: Path) -> None:

@@ -13,10 +13,12 @@ from lib.configs import BrainSam
 
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.train import TrainTask
 
 
 class BrainSamApp(MONAILabelApp):
-    """Serves one interactive model, `brainsam`.
+    """Serves one interactive model, `brainsam`, and its train task.
 
     Construction only reads settings: train, scoring and batch-infer subprocesses build the app
     again, so the network loads at the first inference request.
@@ -37,3 +39,10 @@ class BrainSamApp(MONAILabelApp):
 
     def init_infers(self) -> Dict[str, InferTask]:
         return {self.task.name: self.task.infer()}
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        return {self.task.name: self.task.trainer()}
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        method = self.task.scoring_method()
+        return {"precompute_embeddings": method} if method else {}

@@ -88,18 +88,22 @@ def check_compatible(manifest: dict[str, Any], backbone: Backbone, path: str | P
         )
 
 
-def load_adapter(backbone: Backbone, path: str | Path) -> dict[str, Any]:
-    """Inject the adapter's LoRA layers into a fresh `backbone` and load its weights; return the manifest."""
-    manifest = read_manifest(path)
-    check_compatible(manifest, backbone, path)
+def lora_settings_of(manifest: dict[str, Any], path: str | Path) -> LoraSettings:
+    """The LoRA settings an adapter was made with; AdapterError if its manifest is malformed."""
     try:
         lora = dict(manifest["lora"])
         lora["blocks"] = None if lora.get("blocks") is None else tuple(lora["blocks"])
         lora["target_modules"] = tuple(lora.get("target_modules", ()))
-        settings = LoraSettings(**lora)
+        return LoraSettings(**lora)
     except (KeyError, TypeError, ValueError) as error:
         raise AdapterError(f"{path} has a malformed manifest (lora settings): {error!r}") from error
-    add_lora(backbone, settings)
+
+
+def load_adapter(backbone: Backbone, path: str | Path) -> dict[str, Any]:
+    """Inject the adapter's LoRA layers into a fresh `backbone` and load its weights; return the manifest."""
+    manifest = read_manifest(path)
+    check_compatible(manifest, backbone, path)
+    add_lora(backbone, lora_settings_of(manifest, path))
     try:
         weights = load_file(str(path))
     except (SafetensorError, OSError) as error:

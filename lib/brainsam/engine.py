@@ -8,6 +8,7 @@ image's own grid.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from .config import EngineConfig
 from .labels import LabelSet, load_label_set
 from .predictor import PreparedImage, Predictor, Segmentation
 from .prompts import parse_points, parse_roi, points_to_view
-from .volume import Volume
+from .volume import Volume, load_volume
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,27 @@ class Engine:
     def prepare(self, volume: Volume) -> PreparedImage:
         """Ready a volume for prompting (slice view, field of view)."""
         return self.predictor.prepare(volume)
+
+    def precompute(self, path: str | Path) -> int:
+        """Encode into the embedding store the central slices (`precompute_mm`) of the image file
+        at `path`, in its default window, skipping the slices stored already; return how many
+        were encoded. An image whose recorded slices are all stored is not even read.
+
+        Raises ValueError without a store (`embedding_dir`), StoreFullError when this encoder's
+        embeddings fill the store, VolumeError when the file is not a usable 3D image.
+        """
+        store, identity = self.predictor.store, self.predictor.identity
+        if store is None:
+            raise ValueError("precomputing embeddings needs a store: set embedding_dir")
+        stat = os.stat(path)
+        source = f"{Path(path).resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+        if store.recorded(identity, source):
+            return 0
+        store.check_room(identity)
+        image = self.prepare(load_volume(path))
+        keys, encoded = self.predictor.precompute(image, image.window, image.view.central_slices(self.config.precompute_mm))
+        store.record(identity, source, keys)
+        return encoded
 
     def segment(
         self,

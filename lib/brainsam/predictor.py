@@ -4,7 +4,8 @@
 into a box of the structure's typical size, since box-trained MedSAM models answer boxes far
 better than points), then the result is propagated through neighbouring slices.
 `Predictor.refine` applies corrective clicks to an existing `Segmentation` and recomputes only
-the slices they affect. Slice embeddings come from the cache whenever possible.
+the slices they affect. Slice embeddings come from the cache, or the on-disk store, whenever
+possible.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 from .backbones import Backbone
-from .cache import EmbeddingCache
+from .cache import EmbeddingCache, EmbeddingKey
 from .config import EngineConfig
 from .prompts import PromptError, ViewBox, prior_box
 from .propagation import SlicePrompt, SliceResult, StopRule, bounding_box, grow, propagate
+from .store import EmbeddingStore
 from .view import SliceView, Window, paste_pixels, resample, to_model_box, to_model_xy
 from .volume import Volume
 
@@ -64,7 +67,8 @@ class Predictor:
     """Runs a backbone slice by slice over a volume, caching slice embeddings.
 
     identity: names the encoder weights (backbone + adapter) in cache keys, so embeddings made
-    with another adapter are never reused.
+    with another adapter are never reused. With `config.embedding_dir` set, embeddings are also
+    kept on disk (`EmbeddingStore`), behind the memory cache.
     """
 
     def __init__(self, backbone: Backbone, config: EngineConfig, cache: EmbeddingCache | None = None, identity: str | None = None):
@@ -72,6 +76,7 @@ class Predictor:
         self.config = config
         self.cache = cache if cache is not None else EmbeddingCache(config.cache_mb << 20)
         self.identity = identity or backbone.name
+        self.store = EmbeddingStore(config.embedding_dir, config.embedding_disk_mb << 20) if config.embedding_dir else None
         self.rule = StopRule(
             min_area=config.min_area_px,
             min_iou=config.stop_iou,
@@ -88,22 +93,54 @@ class Predictor:
 
     @torch.inference_mode()
     def embeddings(self, image: PreparedImage, window: Window, indices: list[int]) -> list[torch.Tensor]:
-        """Embeddings of slices `indices` in `window`, encoding the missing ones in batches."""
-        keys = [(self.identity, image.volume.content_hash, image.view.axis, i, window.key()) for i in indices]
-        found = {key: self.cache.get(key) for key in keys}
+        """Embeddings of slices `indices` in `window`: from memory, else the store, else encoded
+        in batches (and then kept in both)."""
+        keys = self._keys(image, window, indices)
+        found = {key: self._lookup(key) for key in keys}
         missing = [(i, key) for i, key in zip(indices, keys) if found[key] is None]
+        for key, embedding in self._encode(image, window, missing):
+            found[key] = embedding
+            self.cache.put(key, embedding)
+        return [found[key] for key in keys]
+
+    @torch.inference_mode()
+    def precompute(self, image: PreparedImage, window: Window, indices: list[int]) -> tuple[list[EmbeddingKey], int]:
+        """Encode into the store those of slices `indices` it lacks, leaving the memory cache
+        alone; return the keys of all of them and how many were encoded. Needs `self.store`."""
+        keys = self._keys(image, window, indices)
+        missing = [(i, key) for i, key in zip(indices, keys) if not self.store.contains(key)]
+        for _ in self._encode(image, window, missing):
+            pass
+        return keys, len(missing)
+
+    def _keys(self, image: PreparedImage, window: Window, indices: list[int]) -> list[EmbeddingKey]:
+        return [(self.identity, image.volume.content_hash, image.view.axis, i, window.key()) for i in indices]
+
+    def _lookup(self, key: EmbeddingKey) -> torch.Tensor | None:
+        """An embedding from memory, else from the store (then kept in memory), else None."""
+        embedding = self.cache.get(key)
+        if embedding is None and self.store is not None:
+            embedding = self.store.get(key)
+            if embedding is not None:
+                self.counts["stored"] += 1
+                self.cache.put(key, embedding)
+        return embedding
+
+    def _encode(self, image: PreparedImage, window: Window, slices: list[tuple[int, EmbeddingKey]]) -> Iterator[tuple[EmbeddingKey, torch.Tensor]]:
+        """Encode (index, key) slices in batches, writing each to the store; yield (key, embedding)."""
         size = self.backbone.input_size
-        for start in range(0, len(missing), self.config.encode_batch):
-            chunk = missing[start : start + self.config.encode_batch]
+        for start in range(0, len(slices), self.config.encode_batch):
+            chunk = slices[start : start + self.config.encode_batch]
             began = time.perf_counter()
             crops = torch.stack([image.view.crop(i, window, size) for i, _ in chunk])
             encoded = self.backbone.encode(crops).cpu()
             self.timings["encode"] += time.perf_counter() - began
             self.counts["encode"] += len(chunk)
             for (_, key), embedding in zip(chunk, encoded):
-                found[key] = embedding.clone()
-                self.cache.put(key, found[key])
-        return [found[key] for key in keys]
+                embedding = embedding.clone()
+                if self.store is not None:
+                    self.store.put(key, embedding)
+                yield key, embedding
 
     @torch.inference_mode()
     def predict(self, image: PreparedImage, window: Window, index: int, prompt: SlicePrompt) -> SliceResult:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+HEAD_LEVEL = 0.05
+"""Normalised intensity above which a voxel counts as head rather than background."""
 
 
 @dataclass(frozen=True)
@@ -84,13 +86,28 @@ class SliceView:
         their slices are encoded once.
         """
         _, n_rows, n_cols = self.shape
-        footprint = self.stack.max(axis=0) > 0.05
+        footprint = self.stack.max(axis=0) > HEAD_LEVEL
         rows, cols = np.nonzero(footprint)
         centre_r = (rows.min() + rows.max()) / 2 if rows.size else (n_rows - 1) / 2
         centre_c = (cols.min() + cols.max()) / 2 if cols.size else (n_cols - 1) / 2
         height = max(8, int(round(fov_mm / self.spacing[1])))
         width = max(8, int(round(fov_mm / self.spacing[2])))
         return Window(int(round(centre_r - height / 2)), int(round(centre_c - width / 2)), height, width)
+
+    def central_slices(self, half_width_mm: float) -> list[int]:
+        """Slices within `half_width_mm` of the centre of the head (non-zero voxels) along the
+        slice axis, nearest the centre first.
+
+        Along the sagittal axis deep brain structures lie within about 45 mm of the midline (the
+        subcortical labels of the fs-aseg and ixi-muse subjects, and the reach of a click's walk,
+        span -45 to +51 mm from the head's left-right centre), so these are the slices worth
+        encoding before anyone clicks.
+        """
+        present = np.nonzero(self.stack.max(axis=(1, 2)) > HEAD_LEVEL)[0]
+        centre = (present.min() + present.max()) / 2 if present.size else (self.shape[0] - 1) / 2
+        reach = half_width_mm / self.spacing[0]
+        inside = [i for i in range(self.shape[0]) if abs(i - centre) <= reach]
+        return sorted(inside, key=lambda i: abs(i - centre))
 
     def window_for(self, base: Window, rows: tuple[int, int], cols: tuple[int, int]) -> Window:
         """`base`, shifted by whole quarters of its size until it holds the given pixel ranges.

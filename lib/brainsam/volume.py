@@ -49,6 +49,12 @@ class Volume:
             out[:, canonical_axis] = index if flip == 1 else self.stored_shape[stored_axis] - 1 - index
         return out
 
+    def to_canonical(self, stored: np.ndarray) -> np.ndarray:
+        """Put an array on the stored grid (e.g. a label file) in canonical order."""
+        if tuple(stored.shape[:3]) != self.stored_shape:
+            raise VolumeError(f"array of shape {tuple(stored.shape)} does not match the image grid {self.stored_shape}")
+        return np.ascontiguousarray(apply_orientation(stored, self.ornt))
+
     def to_stored(self, canonical: np.ndarray) -> np.ndarray:
         """Return a canonical-order array (e.g. a mask) on the stored grid."""
         back = ornt_transform(RAS, self.ornt)

@@ -5,14 +5,20 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from brainsam.config import load_config
-from brainsam.labels import DEFAULT_LABEL_SET, load_label_set
+from brainsam.labels import CONFIGS, DEFAULT_LABEL_SET, load_label_set
 from lib.infers import BrainSamInfer
+from lib.scoring import PrecomputeEmbeddings
+from lib.trainers import BrainSamTrain
 
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.train import TrainTask
 
-ENGINE_OVERRIDES = ("device", "cache_mb", "checkpoint")
+ENGINE_OVERRIDES = ("device", "cache_mb", "checkpoint", "embedding_disk_mb", "precompute_mm")
 """--conf keys passed through to the engine config as overrides."""
+STORED_CACHE_MB = "512"
+"""Default memory cache bound when embeddings persist on disk: a stored slice reloads in ~5 ms,
+so memory holds only the slices being clicked (a 1 mm head's precomputed slab is 400 MB), and
+the server with its precomputing subprocess stays within 4 GB."""
 
 
 class BrainSam(TaskConfig):
@@ -20,11 +26,17 @@ class BrainSam(TaskConfig):
 
     engine_config (alias backbone): engine config name in configs/backbones, or a YAML path;
         default litemedsam.
-    device, cache_mb, checkpoint: override that engine config's fields.
+    device, cache_mb, checkpoint, embedding_disk_mb, precompute_mm: override that engine
+        config's fields.
+    embedding_dir: where slice embeddings persist and are precomputed into (a scoring method
+        run at start-up, after /activelearning and after training); `none` turns both off.
+        Default: <app>/model/embeddings. While it is on, cache_mb defaults to STORED_CACHE_MB.
     adapter: a LoRA adapter (.safetensors) or a folder of them, the newest compatible one is
         served and a newer one is picked up without restart; `none` serves the base model.
         Default: <app>/model/brainsam, where published adapters go.
     labels: label set YAML; default configs/labels/freesurfer_subcortical.yaml.
+    train_config: training settings in configs/training, or a YAML path; default the one named
+        like the engine config, else litemedsam's (always applied to the served backbone).
 
     Everything here is cheap (YAML only), so a bad setting stops the server at start-up.
     """
@@ -33,13 +45,28 @@ class BrainSam(TaskConfig):
         super().init(name, model_dir, conf, planner, **kwargs)
         config_name = conf.get("engine_config") or conf.get("backbone") or "litemedsam"
         overrides = {key: conf[key] for key in ENGINE_OVERRIDES if key in conf}
-        self.engine_config = load_config(config_name, **overrides)
+        embedding_dir = conf.get("embedding_dir", os.path.join(model_dir, "embeddings"))
+        self.engine_config = load_config(config_name, **overrides, embedding_dir=embedding_dir)
+        if self.engine_config.embedding_dir is not None and "cache_mb" not in conf:
+            self.engine_config = self.engine_config.replace(cache_mb=STORED_CACHE_MB)
         self.label_set = load_label_set(conf.get("labels", DEFAULT_LABEL_SET))
         adapter = conf.get("adapter", os.path.join(model_dir, name))
         self.path = None if adapter.lower() == "none" else Path(adapter)
+        self.config_name, self.engine_overrides = config_name, overrides
+        default_training = config_name if (CONFIGS / "training" / f"{config_name}.yaml").is_file() else "litemedsam"
+        self.train_config = conf.get("train_config", default_training)
+        # training publishes where inference looks, unless that is a single file or `none`
+        watched = self.path is not None and self.path.suffix != ".safetensors"
+        self.adapter_folder = self.path if watched else Path(model_dir) / name
 
     def infer(self) -> BrainSamInfer:
         return BrainSamInfer(self.engine_config, self.label_set, self.path)
 
     def trainer(self) -> Optional[TrainTask]:
-        return None
+        return BrainSamTrain(self.train_config, self.config_name, self.engine_overrides, self.label_set, self.adapter_folder)
+
+    def scoring_method(self) -> Optional[PrecomputeEmbeddings]:
+        """Precomputation of slice embeddings, when they persist (embedding_dir is set)."""
+        if self.engine_config.embedding_dir is None:
+            return None
+        return PrecomputeEmbeddings(self.engine_config, self.label_set, self.path)

@@ -89,18 +89,21 @@ class BrainSamInfer(InferTask):
         options = read_options(request, self.label_set)
         with self._lock:
             engine = self.watcher.engine()
+            encoded_before = engine.predictor.counts["encode"]
             key, image = self._image(request.get("image"), engine)
             prompts = read_prompts(request, options.label, image)
             action, interaction = self._interact(engine, image, (options.client, key), options.reset, prompts)
             mask = engine.canonical_mask(image, interaction.state)
+            encoded = engine.predictor.counts["encode"] - encoded_before
         path = write_mask(image.volume, mask, options.extension, options.dtype)
         seconds = time.perf_counter() - began
-        logger.info("%s %s for %s on %s: %.2f s", action, options.label, options.client or "anonymous client", Path(key[0]).name, seconds)
+        logger.info("%s %s for %s on %s: %.2f s, %d slices encoded", action, options.label, options.client or "anonymous client", Path(key[0]).name, seconds, encoded)
         return path, {
             "label_names": {options.label: 1},
             "interaction": action,
             "adapter": self.watcher.serving.name if self.watcher.serving else None,
             "latencies": {"total": round(seconds, 3)},
+            "encoded_slices": encoded,
         }
 
     def _image(self, path: Optional[str], engine: Engine) -> tuple[ImageKey, PreparedImage]:

@@ -1,0 +1,3 @@
+from .precompute import PrecomputeEmbeddings
+
+__all__ = ["PrecomputeEmbeddings"]

@@ -1,0 +1,3 @@
+from .brainsam import BrainSamTrain
+
+__all__ = ["BrainSamTrain"]

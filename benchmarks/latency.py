@@ -1,0 +1,143 @@
+"""Latency of first and corrective clicks on the real server, with and without precomputation.
+
+    nice -n 10 .venv/bin/python -m benchmarks.latency [--no-precompute]
+
+Starts the server as tests/test_server.py does, over a temporary studies folder holding one
+1 mm FreeSurfer subject (fs-aseg sub-01, 256^3) and one 2 mm IXI subject (IXI012-HH-1211), lets
+MONAI Label's start-up scoring precompute the embeddings (unless --no-precompute) and waits for
+it, then drives the server with monailabel's client as 3D Slicer does: per subject and
+structure a first click at the structure's deepest voxel, then corrective clicks where the mask
+is most wrong (every click so far sent, the newest appended). Prints each click's time as the
+client sees it, the CPU time the server process spent on it (less sensitive than wall time to
+other work on the machine: the load average is printed too) and the slices the server encoded
+for it; p50/p95 of first and corrective clicks; and the peak resident memory of the server with
+its children (the precomputing subprocess), sampled every 0.2 s. Needs ../shared/data. Prints
+figures only: nothing is asserted on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import psutil
+
+from tests.test_server import (
+    Server,
+    Subject,
+    correction,
+    deepest,
+    infer,
+    load_subject,
+    running_server,
+    wait_for_scoring,
+)
+
+STRUCTURES = ["Left-Putamen", "Right-Thalamus", "Left-Hippocampus", "Brain-Stem"]
+PRECOMPUTE_TIMEOUT_S = 3600
+
+
+class PeakMemory:
+    """Samples the resident memory of a process and its children in a background thread."""
+
+    def __init__(self, pid: int, interval_s: float = 0.2):
+        self.process = psutil.Process(pid)
+        self.interval_s = interval_s
+        self.server_peak = self.total_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                server = self.process.memory_info().rss
+                children = sum(child.memory_info().rss for child in self.process.children(recursive=True))
+            except psutil.NoSuchProcess:  # a child ended between listing and reading
+                continue
+            self.server_peak = max(self.server_peak, server)
+            self.total_peak = max(self.total_peak, server + children)
+
+
+@dataclass
+class Click:
+    """One request as the benchmark saw it: first or corrective, seconds at the client, CPU
+    seconds the server process spent on it, slices the server encoded for it."""
+
+    kind: str
+    seconds: float
+    cpu_seconds: float
+    encoded: int
+
+
+def click_session(server: Server, subject: Subject, structure: str, corrections: int, work: Path) -> Iterator[Click]:
+    """One annotator's first click and `corrections` corrective clicks on `structure`."""
+    client = server.client(f"bench-{subject.image_id}-{structure}", work)
+    process = psutil.Process(server.pid)
+    truth = subject.truth(structure)
+    prompts = {"label": structure, "foreground": [deepest(truth)], "background": [], "reset_state": True}
+    for number in range(corrections + 1):
+        cpu, began = sum(process.cpu_times()[:2]), time.perf_counter()
+        mask, result = infer(client, subject, prompts)
+        seconds, cpu = time.perf_counter() - began, sum(process.cpu_times()[:2]) - cpu
+        yield Click("first" if number == 0 else "corrective", seconds, cpu, result["encoded_slices"])
+        kind, click = correction(mask, truth)
+        prompts = {**prompts, kind: prompts[kind] + [click], "reset_state": False}
+
+
+def summary(kind: str, clicks: list[Click]) -> str:
+    """p50/p95 of the wall and CPU seconds of the clicks of one kind."""
+    wall = np.percentile([c.seconds for c in clicks if c.kind == kind], [50, 95])
+    cpu = np.percentile([c.cpu_seconds for c in clicks if c.kind == kind], [50, 95])
+    count = sum(c.kind == kind for c in clicks)
+    return f"{kind:<11} n={count:<3} p50 {wall[0]:6.2f} s  p95 {wall[1]:6.2f} s   server CPU p50 {cpu[0]:6.2f} s  p95 {cpu[1]:6.2f} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-precompute", action="store_true", help="no scoring at start-up: every first click encodes")
+    parser.add_argument("--structures", nargs="+", default=STRUCTURES)
+    parser.add_argument("--corrections", type=int, default=2, help="corrective clicks per structure")
+    args = parser.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPU cores")
+    clicks: list[Click] = []
+    with tempfile.TemporaryDirectory() as folder:
+        work, studies = Path(folder), Path(folder) / "studies"
+        studies.mkdir()
+        subjects = [
+            load_subject(studies, "fs-aseg", "sub-01", "aseg.nii.gz", "aseg.yaml"),
+            load_subject(studies, "ixi-muse", "IXI012-HH-1211", "muse.nii.gz", "muse.yaml"),
+        ]
+        with running_server(studies, work / "server", precompute=not args.no_precompute) as server, PeakMemory(server.pid) as memory:
+            if not args.no_precompute:
+                began = time.perf_counter()
+                task = wait_for_scoring(server.url, PRECOMPUTE_TIMEOUT_S)
+                print(f"precomputation {task['status']} after {time.perf_counter() - began:.0f} s")
+            for subject in subjects:
+                for structure in args.structures:
+                    for click in click_session(server, subject, structure, args.corrections, work):
+                        clicks.append(click)
+                        print(f"{subject.image_id:<15} {structure:<18} {click.kind:<10} {click.seconds:6.2f} s  "
+                              f"server CPU {click.cpu_seconds:6.2f} s  {click.encoded:3d} slices encoded", flush=True)  # fmt: skip
+    print(f"{'precomputed' if not args.no_precompute else 'no precomputation'}; load average at the end {os.getloadavg()[0]:.2f}")
+    for kind in ("first", "corrective"):
+        print(summary(kind, clicks))
+    print(f"peak RSS: server {memory.server_peak / 2**30:.2f} GiB, with children {memory.total_peak / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
