@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Iterator
 import numpy as np
 import psutil
 
+from brainsam.remote import PeakMemory
 from tests.test_server import (
     Server,
     Subject,
@@ -42,35 +42,6 @@ from tests.test_server import (
 
 STRUCTURES = ["Left-Putamen", "Right-Thalamus", "Left-Hippocampus", "Brain-Stem"]
 PRECOMPUTE_TIMEOUT_S = 3600
-
-
-class PeakMemory:
-    """Samples the resident memory of a process and its children in a background thread."""
-
-    def __init__(self, pid: int, interval_s: float = 0.2):
-        self.process = psutil.Process(pid)
-        self.interval_s = interval_s
-        self.server_peak = self.total_peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                server = self.process.memory_info().rss
-                children = sum(child.memory_info().rss for child in self.process.children(recursive=True))
-            except psutil.NoSuchProcess:  # a child ended between listing and reading
-                continue
-            self.server_peak = max(self.server_peak, server)
-            self.total_peak = max(self.total_peak, server + children)
 
 
 @dataclass

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Iterator
 
 import nibabel as nib
-import nrrd
 import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
@@ -40,6 +39,7 @@ from brainsam.adapters import build_manifest, save_adapter
 from brainsam.backbones import Backbone, load_backbone
 from brainsam.labels import load_label_set, load_mapping
 from brainsam.lora import LoraSettings, add_lora
+from brainsam.remote import read_mask
 from brainsam.sample import INSTALL_HINT, MRICRON, write_sample
 
 from .conftest import NARROW_PHANTOM, make_phantom, require_data
@@ -49,7 +49,6 @@ pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "brainsam"
 STARTUP_S = 180
-LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 @dataclass
@@ -192,18 +191,6 @@ def stop(process: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-def read_mask(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A returned mask file (NIfTI or NRRD) -> (array on its stored grid, RAS affine)."""
-    if path.endswith(".nrrd"):
-        data, header = nrrd.read(path)
-        affine = np.eye(4)
-        affine[:3, :3] = LPS @ np.asarray(header["space directions"], dtype=float).T
-        affine[:3, 3] = LPS @ np.asarray(header["space origin"], dtype=float)
-        return data, affine
-    image = nib.load(path)
-    return np.asarray(image.dataobj), image.affine
 
 
 def infer(client: MONAILabelClient, subject: Subject, params: dict) -> tuple[np.ndarray, dict]:

@@ -1,33 +1,71 @@
-"""Accuracy under a simulated annotator: Dice and HD95 per structure after a box or k clicks.
+"""Accuracy and cost under a simulated annotator, beside peers, on folders of labelled subjects.
 
-    python -m brainsam.evaluate ../shared/data/fs-aseg --labels aseg.nii.gz \
-        --mapping configs/mappings/aseg.yaml --modes box clicks --clicks 3 -o results.json
+    python -m brainsam.evaluate ../shared/data/fs-aseg ../shared/data/ixi-muse \
+        --subjects sub-06 IXI012-HH-1211 --modes box clicks box+clicks --clicks 5 \
+        --adapters none runs/adapters_fs5b --atlas ../shared/data/fs-aseg/sub-01 --deepedit \
+        --train-stats runs/adapters_fs5b/train_stats.json -o docs/evaluation.json
+    python -m brainsam.evaluate ../shared/data/ixi-muse --fast -o runs/fast.json
+    python -m brainsam.evaluate ../shared/data/ixi-muse --server http://127.0.0.1:8000 ...
 
-The robot annotator clicks first at the most interior voxel of the structure, then each time at
-the most interior voxel of the largest error region: foreground where the structure was missed,
-background where the mask spilled over. Mode `box` gives a tight 3D box (the label's bounding
-box, as a Slicer ROI) and nothing else.
+Each folder holds subject folders with an image and a label file; the label file and its
+mapping onto the label set (configs/mappings) are recognised by name (aseg.nii.gz: FreeSurfer
+aseg, muse.nii.gz: MUSE/MALC) or given with --labels/--mapping. Modes, per structure:
+- clicks: the robot annotator clicks first at the most interior voxel of the structure, then
+  each time at the most interior voxel of the largest error region (foreground where the
+  structure was missed, background where the mask spilled over); a row after every click;
+- box: a tight 3D box (the label's bounding box, as a Slicer ROI) alone;
+- box+clicks: that box (its row at 0 clicks is mode box's), then the robot's corrective clicks;
+- atlas (with --atlas SUBJECT): the classical baseline, registration of a labelled subject
+  (brainsam.atlas), no learning and no prompt.
+Every row holds Dice and HD95 (mm; empty when the mask is empty) and what the request cost.
+Models: zero-shot (`none`) and/or adapters (a file, or a folder: its newest *.safetensors),
+in-process; or, with --server, whatever that running server serves, over REST as 3D Slicer
+sends (images missing from its datastore are uploaded). Peers: --deepedit times MONAI Label's
+radiology DeepEdit (random weights: latency only) on the same images and clicks.
+
+Writes OUTPUT (.json: rows, summaries, the git commit and machine), OUTPUT with .csv (rows)
+and with .png (Dice against clicks), and prints the tables (again: python -m brainsam.report).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import platform
+import resource
+import subprocess
 import sys
 import time
-from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
+import torch
+from monailabel.client import MONAILabelClient
 from scipy import ndimage
+from tqdm import tqdm
 
 from .config import load_config
 from .engine import Engine
-from .labels import load_mapping
+from .labels import CONFIGS, load_label_set, load_mapping
 from .propagation import dice
+from .remote import PeakMemory, ensure_image, server_pid
+from .report import accuracy_summary, latency_summary, plot_dice_vs_clicks, print_report, to_json, write_csv
 from .robot import next_click
+from .sessions import Answer, EngineSession, Prompts, ServerSession
+from .train_figures import training_figures
 from .volume import load_volume
+
+ROOT = Path(__file__).resolve().parents[2]
+KNOWN_LABEL_FILES = {"aseg.nii.gz": "aseg.yaml", "muse.nii.gz": "muse.yaml"}
+MODES = ("box", "clicks", "box+clicks")
+FAST_STRUCTURES = ["Left-Putamen", "Left-Pallidum"]
+FAST_CLICKS = 3
 
 
 def hd95(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> float:
@@ -49,91 +87,267 @@ def roi_of(truth: np.ndarray) -> list[int]:
     return [int(v) for pair in zip(index.min(axis=0), index.max(axis=0)) for v in pair]
 
 
-def evaluate_structure(engine: Engine, image, truth: np.ndarray, name: str, mode: str, clicks: int, spacing) -> list[dict]:
-    """Rows {mode, clicks, dice, hd95, seconds} for one structure: one for a box, one per click."""
-    rows = []
-    began = time.perf_counter()
-    if mode == "box":
-        state = engine.segment(image, name, roi=roi_of(truth))
-        mask = engine.stored_mask(image, state) > 0
-        return [{"mode": "box", "clicks": 0, "dice": dice(mask, truth), "hd95": hd95(mask, truth, spacing), "seconds": time.perf_counter() - began}]
-    state, mask = None, np.zeros_like(truth)
-    for k in range(1, clicks + 1):
+@dataclass
+class Dataset:
+    """A folder of subject folders, each with an `image` and a `labels` file whose values are
+    `ids` (structure name -> value)."""
+
+    name: str
+    folder: Path
+    image: str
+    labels: str
+    ids: dict[str, int]
+
+    def subjects(self, only: list[str] | None) -> list[Path]:
+        """Subject folders holding both files (only those named in `only`, when given)."""
+        found = sorted(p for p in self.folder.iterdir() if (p / self.image).is_file() and (p / self.labels).is_file())
+        return [p for p in found if not only or p.name in only]
+
+
+def dataset_of(folder: Path, image: str, labels: str | None, mapping: str | None) -> Dataset:
+    """The data set in `folder`; label file and mapping recognised by name when not given."""
+    if labels is None:
+        present = {p.name for p in folder.glob("*/*.nii.gz")}
+        labels = next((name for name in KNOWN_LABEL_FILES if name in present), None)
+        if labels is None:
+            raise SystemExit(f"{folder}: no known label file ({', '.join(KNOWN_LABEL_FILES)}) in its subject folders; give --labels and --mapping")
+    mapping = mapping or str(CONFIGS / "mappings" / KNOWN_LABEL_FILES.get(labels, ""))
+    if not Path(mapping).is_file():
+        raise SystemExit(f"no mapping for label file {labels}: give --mapping (see configs/mappings)")
+    return Dataset(folder.resolve().name, folder, image, labels, load_mapping(mapping))
+
+
+@dataclass
+class Subject:
+    """One labelled image: stored-grid labels and voxel size (mm)."""
+
+    dataset: str
+    name: str
+    image: Path
+    labels: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def load_subject(dataset: Dataset, folder: Path) -> Subject:
+    header = nib.load(str(folder / dataset.image)).header
+    labels = np.asanyarray(nib.load(str(folder / dataset.labels)).dataobj)
+    return Subject(dataset.name, folder.name, folder / dataset.image, labels, tuple(float(z) for z in header.get_zooms()[:3]))
+
+
+def scored(answer: Answer, truth: np.ndarray, spacing: tuple[float, ...], clicks: int, request: str) -> dict:
+    """A row's measurements for one answer."""
+    return {
+        "clicks": clicks, "request": request, "dice": dice(answer.mask, truth), "hd95": hd95(answer.mask, truth, spacing),
+        "seconds": answer.seconds, "encoded": answer.encoded, "decoded": answer.decoded, "encode_s": answer.encode_s, "decode_s": answer.decode_s,
+    }  # fmt: skip
+
+
+def annotate(session: EngineSession | ServerSession, truth: np.ndarray, structure: str, spacing: tuple[float, ...], mode: str, clicks: int) -> list[dict]:
+    """The robot on one structure in `mode` (box, clicks, box+clicks): a row per request. Once
+    the mask is perfect the robot stops clicking and the last row stands for the rest."""
+    prompts = Prompts(structure, roi=roi_of(truth) if mode != "clicks" else None)
+    rows, mask = [], np.zeros_like(truth)
+    if prompts.roi is not None:
+        answer = session.ask(prompts)
+        mask = answer.mask
+        rows.append({"mode": mode, **scored(answer, truth, spacing, 0, "first")})
+    for k in range(1, clicks + 1 if mode != "box" else 1):
         click = next_click(truth, mask, spacing)
-        if click is not None:
-            point, is_foreground = click
-            fg, bg = ([point.tolist()], []) if is_foreground else ([], [point.tolist()])
-            state = engine.segment(image, name, fg, bg) if state is None else engine.refine(image, state, fg, bg)
-            mask = engine.stored_mask(image, state) > 0
-        rows.append({"mode": "clicks", "clicks": k, "dice": dice(mask, truth), "hd95": hd95(mask, truth, spacing), "seconds": time.perf_counter() - began})
-        began = time.perf_counter()
+        if click is None:
+            rows.append({**rows[-1], "clicks": k, "request": None, "seconds": 0.0})
+            continue
+        prompts.add(*click)
+        answer = session.ask(prompts)
+        mask = answer.mask
+        rows.append({"mode": mode, **scored(answer, truth, spacing, k, "first" if not rows else "corrective")})
     return rows
 
 
-def subjects_in(folder: Path, image_name: str, labels_name: str) -> list[Path]:
-    """Subject folders holding both the image and the label file."""
-    return sorted(p for p in folder.iterdir() if (p / image_name).is_file() and (p / labels_name).is_file())
+def newest_adapter(path: str) -> Path | None:
+    """None for `none`; a folder's newest *.safetensors; else the file itself."""
+    if path == "none":
+        return None
+    folder = Path(path)
+    if folder.is_dir():
+        found = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise SystemExit(f"no *.safetensors adapter in {folder}")
+        return found[-1]
+    return folder
 
 
-def summarise(rows: list[dict]) -> str:
-    """A text table: mean Dice per structure (rows) and setting (columns)."""
-    table: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        setting = "box" if row["mode"] == "box" else f"{row['clicks']} click"
-        table[row["structure"]][setting].append(row["dice"])
-    settings = sorted({s for by in table.values() for s in by}, key=lambda s: (s != "box", s))
-    lines = [f"{'structure':22s}" + "".join(f"{s:>10s}" for s in settings)]
-    for structure, by in table.items():
-        lines.append(f"{structure:22s}" + "".join(f"{np.mean(by[s]):10.3f}" for s in settings))
-    overall = {s: np.mean([np.mean(by[s]) for by in table.values() if by[s]]) for s in settings}
-    lines.append(f"{'mean':22s}" + "".join(f"{overall[s]:10.3f}" for s in settings))
-    return "\n".join(lines)
+def evaluate_models(args: argparse.Namespace, subjects: list[Subject], structures: list[str], ids: dict[str, dict[str, int]]) -> tuple[list[dict], dict]:
+    """Rows of every model (engine) or of the server, and the peak memory they took."""
+    rows: list[dict] = []
+    tasks = [(s, name) for s in subjects for name in structures if (s.labels == ids[s.dataset].get(name, -1)).any()]
+    if args.server:
+        pid = server_pid(args.server)
+        client = MONAILabelClient(args.server, client_id="brainsam-evaluate")
+        with PeakMemory(pid) if pid else nullcontext() as memory:
+            for subject in {s.name: s for s in subjects}.values():
+                ensure_image(client, subject.name, subject.image)
+            rows += run_tasks(tasks, "server", "server", args, ids, lambda subject: ServerSession(client, subject.name))
+        return rows, {"server_peak_rss_gb": memory.total_peak / 2**30 if pid else None}
+    for adapter in args.adapters:
+        path = newest_adapter(adapter)
+        engine = Engine(load_config(args.config, **dict(item.split("=", 1) for item in args.set)), adapter=path)
+        rows += run_tasks(tasks, "zero-shot" if path is None else path.name, "engine", args, ids, PreparedImages(engine).session)
+    return rows, {"engine_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class PreparedImages:
+    """Engine sessions on the current subject's prepared image (one image at a time: a 1 mm head
+    holds ~130 MB)."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.name, self.image = engine, None, None
+
+    def session(self, subject: Subject) -> EngineSession:
+        if subject.name != self.name:
+            self.name, self.image = subject.name, self.engine.prepare(load_volume(subject.image))
+        return EngineSession(self.engine, self.image)
+
+
+def run_tasks(tasks: list[tuple[Subject, str]], model: str, backend: str, args: argparse.Namespace, ids: dict, new_session: Callable) -> list[dict]:
+    """The robot over (subject, structure) tasks in every mode, a new session per mode, with a
+    progress bar. new_session: Subject -> EngineSession or ServerSession."""
+    rows = []
+    bar = tqdm(tasks, desc=f"{model} ({backend})", unit="structure", file=sys.stderr, mininterval=5)
+    for subject, name in bar:
+        truth = subject.labels == ids[subject.dataset][name]
+        for mode in args.modes:
+            for row in annotate(new_session(subject), truth, name, subject.spacing, mode, args.clicks):
+                rows.append({"dataset": subject.dataset, "subject": subject.name, "structure": name, "model": model, "backend": backend, **row})
+        bar.set_postfix_str(f"{subject.name} {name} dice {rows[-1]['dice']:.2f}")
+    return rows
+
+
+def atlas_rows(atlas_folder: Path, args: argparse.Namespace, subjects: list[Subject], structures: list[str], ids: dict) -> tuple[list[dict], dict]:
+    """The classical baseline: the labelled subject `atlas_folder` registered onto each subject
+    (brainsam.atlas), scored per structure like the prompts; registration seconds per subject."""
+    from . import atlas as registration  # SimpleITK: imported only when asked for
+
+    source = dataset_of(atlas_folder.parent, args.image, None, None)
+    label_set = load_label_set()
+    reference = registration.load_atlas(atlas_folder / args.image, atlas_folder / source.labels, source.ids, label_set, name=atlas_folder.name)
+    rows, seconds = [], []
+    for subject in tqdm([s for s in subjects if s.name != atlas_folder.name], desc="atlas", unit="subject", file=sys.stderr):
+        target = load_volume(subject.image)
+        began = time.perf_counter()
+        labels = target.to_stored(registration.segment([reference], target).fused)
+        seconds.append(time.perf_counter() - began)
+        for name in structures:
+            truth = subject.labels == ids[subject.dataset].get(name, -1)
+            if truth.any():
+                mask = labels == label_set[name].id
+                rows.append({"dataset": subject.dataset, "subject": subject.name, "structure": name, "model": f"atlas {atlas_folder.name}", "backend": "engine",
+                             "mode": "atlas", "clicks": 0, "request": None, "dice": dice(mask, truth), "hd95": hd95(mask, truth, subject.spacing),
+                             "seconds": seconds[-1], "encoded": None, "decoded": None, "encode_s": None, "decode_s": None})  # fmt: skip
+    return rows, {"atlas": atlas_folder.name, "registration_s_mean": float(np.mean(seconds)) if seconds else None, "subjects": len(seconds)}
+
+
+def deepedit_latency(subjects: list[Subject], structures: list[str], ids: dict, clicks: int) -> dict:
+    """Seconds of MONAI Label's radiology DeepEdit (random weights) on the same images: per
+    subject a first click at the deepest voxel of the first structure, then `clicks - 1` more
+    (at least one); p50/p95. One structure suffices: every DeepEdit request runs the network
+    over the whole resized volume, whatever the structure."""
+    from .peers import deepedit_task, deepedit_click
+
+    task = deepedit_task(structures)
+    first, corrective = [], []
+    for subject in tqdm(subjects, desc="deepedit", unit="subject", file=sys.stderr):
+        name = next((n for n in structures if (subject.labels == ids[subject.dataset].get(n, -1)).any()), None)
+        if name is None:
+            continue
+        truth = subject.labels == ids[subject.dataset][name]
+        mask, points = np.zeros_like(truth), []
+        for k in range(max(clicks, 2)):  # random weights: each next click goes where the truth is not yet clicked
+            click = next_click(truth, mask, subject.spacing)
+            points.append([int(v) for v in click[0]])
+            (first if k == 0 else corrective).append(deepedit_click(task, subject.image, name, points))
+            mask[tuple(points[-1])] = True
+    return {
+        "model": "MONAI Label radiology deepedit (DynUNet, 128^3 input, random weights: latency only)",
+        "first_p50_s": float(np.percentile(first, 50)), "first_p95_s": float(np.percentile(first, 95)),
+        "corrective_p50_s": float(np.percentile(corrective, 50)), "corrective_p95_s": float(np.percentile(corrective, 95)),
+        "requests": len(first) + len(corrective),
+    }  # fmt: skip
+
+
+def provenance(argv: list[str]) -> dict:
+    """Git commit (and whether the tree differed from it), machine and software of a run."""
+
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    return {
+        "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "command": "python -m brainsam.evaluate " + " ".join(argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": f"{os.cpu_count()} CPU cores ({cpu}), {'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0],
+    }  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m brainsam.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="folder of subject folders, each with an image and a label file")
+    parser.add_argument("folders", type=Path, nargs="+", help="folders of subject folders, each with an image and a label file")
     parser.add_argument("--image", default="T1.nii.gz", help="image file name in each subject folder")
-    parser.add_argument("--labels", default="aseg.nii.gz", help="label file name in each subject folder")
-    parser.add_argument("--mapping", default="configs/mappings/aseg.yaml", help="structure name -> label id YAML")
-    parser.add_argument("--modes", nargs="+", choices=["box", "clicks"], default=["clicks"], help="box and/or clicks; one run shares the slice embeddings")
-    parser.add_argument("--clicks", type=int, default=1, help="robot clicks per structure (mode clicks)")
+    parser.add_argument("--labels", help="label file name in each subject folder (default: recognised, see above)")
+    parser.add_argument("--mapping", help="structure name -> label id YAML (default: from the label file's name)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["clicks"], help="prompt modes; one run shares the slice embeddings")
+    parser.add_argument("--clicks", type=int, help=f"robot clicks per structure (modes clicks, box+clicks; default 1, --fast {FAST_CLICKS})")
     parser.add_argument("--structures", nargs="+", help="only these structures")
     parser.add_argument("--subjects", nargs="+", help="only these subject folder names")
+    parser.add_argument("--fast", action="store_true", help=f"one subject per folder, {', '.join(FAST_STRUCTURES)}, {FAST_CLICKS} clicks (CI)")
+    parser.add_argument("--adapters", nargs="*", default=["none"], help="models: none (zero-shot) and/or adapter files or folders; none given: peers only")
+    parser.add_argument("--server", help="URL of a running brainsam server to evaluate over REST instead of in-process")
+    parser.add_argument("--atlas", type=Path, help="a labelled subject folder registered onto every subject (classical baseline)")
+    parser.add_argument("--deepedit", action="store_true", help="time MONAI Label's radiology DeepEdit on the same images and clicks")
+    parser.add_argument("--train-stats", type=Path, help="a training run's train_stats.json: throughput and time to --target-dice")
+    parser.add_argument("--target-dice", type=float, default=0.6, help="validation Dice the training figures time")
+    parser.add_argument("--target-metric", default="click_1", help="validation metric of --target-dice (box, click_1, click_3)")
     parser.add_argument("--config", default="litemedsam")
-    parser.add_argument("--adapter")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an engine setting")
-    parser.add_argument("-o", "--output", type=Path, help="write all rows as JSON here")
-    return parser.parse_args(argv)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an engine setting, e.g. embedding_dir=runs/embeddings")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="results JSON; .csv and .png are written beside it")
+    args = parser.parse_args(argv)
+    args.clicks = args.clicks or (FAST_CLICKS if args.fast else 1)
+    if args.fast:
+        args.structures = args.structures or FAST_STRUCTURES
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    engine = Engine(load_config(args.config, **dict(item.split("=", 1) for item in args.set)), adapter=args.adapter)
-    mapping = load_mapping(args.mapping)
-    names = args.structures or list(mapping)
-    rows: list[dict] = []
-    subjects = [s for s in subjects_in(args.folder, args.image, args.labels) if not args.subjects or s.name in args.subjects]
-    for subject in subjects:
-        volume = load_volume(subject / args.image)
-        image = engine.prepare(volume)
-        labels = np.asanyarray(nib.load(str(subject / args.labels)).dataobj)
-        spacing = tuple(float(z) for z in nib.load(str(subject / args.image)).header.get_zooms()[:3])
-        for name in names:
-            truth = labels == mapping[name]
-            if not truth.any():
-                continue
-            for mode in args.modes:
-                for row in evaluate_structure(engine, image, truth, name, mode, args.clicks, spacing):
-                    rows.append({"subject": subject.name, "structure": name, **row})
-                    print(f"{subject.name} {name:22s} {mode} {row['clicks']} dice {row['dice']:.3f} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
-        engine.predictor.cache.clear()
-    print(summarise(rows))
-    timings, counts = engine.predictor.timings, engine.predictor.counts
-    print(f"encoder {timings['encode'] / max(counts['encode'], 1):.2f} s/slice ({counts['encode']} slices), "
-          f"decoder {timings['decode'] / max(counts['decode'], 1) * 1000:.0f} ms/prompt ({counts['decode']} prompts)")
-    if args.output:
-        args.output.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    logging.basicConfig(level=logging.WARNING)
+    meta = provenance(argv)
+    datasets = [dataset_of(folder, args.image, args.labels, args.mapping) for folder in args.folders]
+    subjects = []
+    for dataset in datasets:
+        folders = dataset.subjects(args.subjects)
+        if not folders:
+            raise SystemExit(f"{dataset.folder}: no subject with {dataset.image} and {dataset.labels}" + (f" among {args.subjects}" if args.subjects else ""))
+        subjects += [load_subject(dataset, folder) for folder in folders[: 1 if args.fast else None]]
+    ids = {d.name: d.ids for d in datasets}
+    structures = args.structures or list(datasets[0].ids)
+    rows, memory = evaluate_models(args, subjects, structures, ids)
+    peers: dict = {}
+    if args.atlas:
+        atlas, peers["atlas"] = atlas_rows(args.atlas, args, subjects, structures, ids)
+        rows += atlas
+    if args.deepedit:
+        peers["deepedit"] = deepedit_latency(subjects, structures, ids, args.clicks)
+    results = to_json({
+        "meta": meta, "rows": rows, "accuracy": accuracy_summary(rows), "latency": latency_summary(rows), "memory": memory, "peers": peers,
+        "training": training_figures(args.train_stats, args.target_metric, args.target_dice) if args.train_stats else None,
+    })  # fmt: skip
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=1))
+    write_csv(results["rows"], args.output.with_suffix(".csv"))
+    plot_dice_vs_clicks(results["accuracy"], args.output.with_suffix(".png"))
+    print_report(results)
+    print(f"\nwrote {args.output} and its .csv and .png", file=sys.stderr)
     return 0
 
 

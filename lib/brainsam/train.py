@@ -252,14 +252,17 @@ class Trainer:
         held = build_slices(self.held_out, self.split, self.engine_config, self.labels, self.settings.validation_slices_per_subject, self.settings.seed + 1, None)
         trainable, total = count_parameters(self.backbone)
         self.progress.update(phase="training", train_slices=len(train), validation_slices=len(held), train_subjects=[s.name for s in self.train_subjects],
-                             held_out_subjects=[s.name for s in self.held_out], trainable_parameters=trainable, total_parameters=total)
+                             held_out_subjects=[s.name for s in self.held_out], trainable_parameters=trainable, total_parameters=total,
+                             slices_s=round(time.perf_counter() - began, 1))
         if not held:
             logger.warning("no held-out subject (one labelled subject): the last step is published unvalidated")
         validation_began = time.perf_counter()
         baseline = self.validate(held) if held else {"score": -1.0}
         validation_s = time.perf_counter() - validation_began
         best, best_state = dict(baseline), None
-        self.progress.update(baseline=baseline, best=best)
+        # every validation with its time: what time-to-target-Dice figures are read from
+        validations = [{"step": 0, "elapsed_s": round(time.perf_counter() - began, 1), **baseline}]
+        self.progress.update(baseline=baseline, best=best, validations=validations)
         optimiser = torch.optim.AdamW([p for p in self.backbone.parameters() if p.requires_grad], lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay)
         rate = LearningRate(optimiser, self.settings)
         # the whole run keeps to max_minutes: the loop ends in time for the last validation
@@ -278,7 +281,8 @@ class Trainer:
                 if scores["score"] > best["score"] or not self.settings.publish_if_better:
                     best, best_state = scores, trainable_state(self.backbone)
                 logger.info("step %d/%d: loss %.4f, validation %s (best %.4f)", step, self.settings.iterations, float(loss.detach()), _fmt(scores), best["score"])
-                self.progress.update(best=best, last_validation={"step": step, **scores})
+                validations.append({"step": step, "elapsed_s": round(time.perf_counter() - began, 1), **scores})
+                self.progress.update(best=best, last_validation={"step": step, **scores}, validations=validations)
             elif step % 10 == 0:
                 logger.info("step %d/%d: loss %.4f, lr %.2e, %.0f s", step, self.settings.iterations, float(loss.detach()), lr, time.perf_counter() - began)
             self.progress.update(iteration=step, iterations=self.settings.iterations, loss=float(loss.detach()), elapsed_s=round(time.perf_counter() - began, 1))
