@@ -133,10 +133,28 @@ def register(atlas: Volume, target: Volume, settings: RegistrationSettings = Reg
     return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field)])
 
 
+HEAD_DEPTH_MM = 120.0
+"""How far below the top of the head the part that starts registrations is centred on: fields of
+view differ below (a neck or not), never at the top."""
+
+
+def head_centre(image: sitk.Image) -> np.ndarray:
+    """Centre (mm) of the head's upper HEAD_DEPTH_MM (Otsu foreground, canonical S up)."""
+    head = from_sitk(sitk.OtsuThreshold(image, 0, 1)) > 0
+    index = np.argwhere(head)
+    spacing = np.asarray(image.GetSpacing())
+    top = index[:, 2].max()
+    upper = index[index[:, 2] >= top - HEAD_DEPTH_MM / spacing[2]]
+    return upper.mean(axis=0) * spacing
+
+
 def register_affine(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings) -> sitk.Transform:
-    """Affine by Mattes mutual information, three resolution levels, started from the images'
-    centres of mass (heads are cut differently: whole head, defaced, neck or not)."""
-    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    """Affine by Mattes mutual information, three resolution levels, started by aligning the
+    heads' upper parts (`head_centre`: centres of mass fail when one image holds the neck)."""
+    initial = sitk.AffineTransform(3)
+    centre = head_centre(fixed)
+    initial.SetCenter(centre.tolist())
+    initial.SetTranslation((head_centre(moving) - centre).tolist())
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
