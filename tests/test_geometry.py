@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from nibabel.orientations import apply_orientation, inv_ornt_aff, ornt_transform
 
+from brainsam.propagation import SlicePrompt, SliceResult, StopRule, propagate
 from brainsam.prompts import PromptError, parse_points, parse_roi, points_to_view, prior_box
 from brainsam.view import AXES, SliceView
 from brainsam.volume import RAS, VolumeError, from_array, normalise_intensity
@@ -135,3 +137,27 @@ def test_prior_box_has_the_typical_size_in_voxels() -> None:
     box = prior_box(np.array([30, 30, 30]), (20.0, 10.0, 8.0), view)
     # slices along S (8 mm at 1 mm), rows along A (10 mm at 1 mm), cols along R (20 mm at 2 mm)
     assert box.slices == (26, 34) and box.rows == (25, 35) and box.cols == (25, 35)
+
+
+def _walk(outward: bool, found: str) -> dict[int, SliceResult]:
+    """Slices 0..6 of a square, re-walked from slice 3 toward slice 0 by a model that finds
+    `found` from slice 2 on: "nothing" (a correction's walk that fades out) or "elsewhere"
+    (one that strays onto another object), under a rule that calls Dice < 0.3 another object."""
+    square = np.zeros((12, 12), dtype=bool)
+    square[3:9, 3:9] = True
+    results = {i: SliceResult(square.copy(), torch.zeros(1), 0.9) for i in range(7)}
+    answer = np.roll(square, 5, axis=1) if found == "elsewhere" else np.zeros_like(square)
+
+    def model(index: int, prompt: SlicePrompt) -> SliceResult:
+        return SliceResult(answer.copy(), torch.zeros(1), 0.9)
+
+    propagate(model, results, 3, -1, 0, StopRule(jump_dice=0.3), outward=outward)
+    return results
+
+
+@pytest.mark.parametrize("found", ["nothing", "elsewhere"])
+def test_a_walk_toward_the_seed_that_fades_or_strays_keeps_what_lies_beyond(found: str) -> None:
+    kept = _walk(outward=False, found=found)
+    assert sorted(kept) == list(range(7))
+    assert all(kept[i].mask[3:9, 3:9].all() for i in range(3))
+    assert sorted(_walk(outward=True, found=found)) == [3, 4, 5, 6]

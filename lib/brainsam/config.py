@@ -31,6 +31,9 @@ class EngineConfig:
     stop_iou, min_area_px: where propagation decides a structure ended.
     box_margin_px: margin added round a mask's box when it prompts the next slice.
     agree_dice: a rerun after corrective clicks stops where it agrees this well with before.
+    jump_dice: a walk ends where a slice's mask overlaps the previous slice's less than this
+    (it jumped onto a neighbouring structure); a rerun toward the seed ends where it overlaps
+    the earlier result less than this.
     feed_mask: feed the previous logits back as mask prompt.
     points_with_box: pass clicks as point prompts along with a box.
     seed_refinements: times the seed slice is re-prompted with the box of its own mask.
@@ -53,6 +56,7 @@ class EngineConfig:
     min_area_px: int = 4
     box_margin_px: int = 2
     agree_dice: float = 0.9
+    jump_dice: float = 0.3
     feed_mask: bool = False
     points_with_box: bool = False
     seed_refinements: int = 1

@@ -82,6 +82,7 @@ class Predictor:
             min_iou=config.stop_iou,
             margin=config.box_margin_px,
             agree_dice=config.agree_dice,
+            jump_dice=config.jump_dice,
         )
         self.timings: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
@@ -239,7 +240,8 @@ class Predictor:
 
         A background click the model does not honour must hold all the same: the mask is cut
         to the box where the box excludes the click (the part beyond the box's edge goes),
-        otherwise the connected piece under the click goes.
+        otherwise the largest disc round the click that fits in the mask goes. (Removing the
+        whole connected piece would erase the structure, which a spill is usually joined to.)
         """
         on_slice = [c for c in state.clicks if c[0] == index]
         points = np.array([[c[1], c[2]] for c in on_slice], dtype=np.int64).reshape(-1, 2)
@@ -256,8 +258,7 @@ class Predictor:
                 inside[max(box[0][0], 0) : box[0][1] + 1, max(box[1][0], 0) : box[1][1] + 1] = True
                 result.mask &= inside
             else:
-                pieces, _ = ndimage.label(result.mask)
-                result.mask[pieces == pieces[row, col]] = False
+                result.mask &= ~_inscribed_disc(result.mask, row, col)
         return result
 
     def _corrected_box(self, image: PreparedImage, state: Segmentation, index: int, current: SliceResult | None) -> tuple:
@@ -289,13 +290,21 @@ class Predictor:
         return (min(rows) - 4, max(rows) + 4), (min(cols) - 4, max(cols) + 4)
 
     def _walk_from(self, image: PreparedImage, state: Segmentation, index: int) -> None:
-        """Propagate from slice `index` to both ends of the allowed range."""
+        """Propagate from slice `index` both ways to the end of the allowed range or to the
+        next slice holding clicks (the user's word there stands), whichever comes first. Only
+        a walk away from the seed with no clicked slice ahead may erase what lies beyond its end."""
         def predict(slice_index: int, prompt: SlicePrompt) -> SliceResult:
             return self._predict_with_clicks(image, state, slice_index, prompt.box, prompt.earlier)
 
         clamp = self._clamp(state)
-        propagate(predict, state.slices, index, +1, state.limits[1], self.rule, clamp)
-        propagate(predict, state.slices, index, -1, state.limits[0], self.rule, clamp)
+        clicked = {click[0] for click in state.clicks} | {state.seed}
+        for step, limit in ((+1, state.limits[1]), (-1, state.limits[0])):
+            ahead = [k for k in clicked if (k - index) * step > 0]
+            anchor = min(ahead, key=lambda k: abs(k - index)) if ahead else None
+            if anchor is not None:
+                limit = anchor - step
+            outward = anchor is None and (index - state.seed) * step >= 0
+            propagate(predict, state.slices, index, step, limit, self.rule, clamp, outward=outward)
 
     def _truncate_after_empty(self, state: Segmentation, index: int) -> None:
         """After a slice was emptied, drop the slices beyond it, away from the seed: the
@@ -307,3 +316,11 @@ class Predictor:
     @staticmethod
     def _clamp(state: Segmentation) -> tuple | None:
         return (state.box.rows, state.box.cols) if state.box is not None else None
+
+
+def _inscribed_disc(mask: np.ndarray, row: int, col: int) -> np.ndarray:
+    """The largest disc centred on pixel (row, col) of a 2D mask that the mask contains
+    (at least the pixel itself), as a boolean array of the mask's shape."""
+    radius = max(float(ndimage.distance_transform_edt(mask)[row, col]), 1.0)
+    rows, cols = np.ogrid[: mask.shape[0], : mask.shape[1]]
+    return (rows - row) ** 2 + (cols - col) ** 2 < radius**2

@@ -50,13 +50,15 @@ class SlicePrompt:
 @dataclass(frozen=True)
 class StopRule:
     """How a walk goes: it ends at a mask under `min_area` pixels or predicted IoU under
-    `min_iou`; each box is the previous mask's grown by `margin` pixels; a rerun stops where its
-    result reaches `agree_dice` with the earlier one."""
+    `min_iou`, or one whose Dice with the previous slice's is under `jump_dice` (the walk
+    jumped onto a neighbouring structure); each box is the previous mask's grown by `margin`
+    pixels; a rerun stops where its result reaches `agree_dice` with the earlier one."""
 
     min_area: int = 4
     min_iou: float = 0.5
     margin: int = 2
     agree_dice: float = 0.9
+    jump_dice: float = 0.0
 
 
 PredictFn = Callable[[int, SlicePrompt], SliceResult]
@@ -87,9 +89,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
 
 
-def ends(result: SliceResult, rule: StopRule) -> bool:
-    """Whether a slice result means the structure has ended."""
-    return result.area < rule.min_area or result.iou < rule.min_iou
+def ends(result: SliceResult, previous: SliceResult, rule: StopRule) -> bool:
+    """Whether a slice result, next to `previous`, means the structure has ended."""
+    return result.area < rule.min_area or result.iou < rule.min_iou or dice(result.mask, previous.mask) < rule.jump_dice
 
 
 def propagate(
@@ -100,11 +102,16 @@ def propagate(
     limit: int,
     rule: StopRule,
     clamp: tuple[Range, Range] | None = None,
+    outward: bool = True,
 ) -> None:
     """Walk from `results[start]` in direction `step` (+1/-1) up to slice `limit`, inclusive.
 
-    `results` is updated in place. Slices beyond the structure's end that an earlier walk left
-    are removed; a new result that agrees with an earlier one ends the walk early.
+    `results` is updated in place; a new result that agrees with an earlier one ends the walk
+    early. Walking `outward` (away from the seed), slices beyond the structure's end that an
+    earlier walk left are removed. Walking back toward the seed they are kept, and the walk
+    also ends where its result is another object than the earlier one (Dice under
+    `jump_dice`): a correction's walk that fades out or strays must not erase the part of the
+    structure the first answer found.
     """
     previous = results[start]
     index = start + step
@@ -114,16 +121,19 @@ def propagate(
             break
         prompt = SlicePrompt(grow(box, rule.margin, clamp), earlier=previous)
         result = predict(index, prompt)
-        if ends(result, rule):
-            _drop_beyond(results, index, step)
-            return
         earlier = results.get(index)
+        strays = not outward and earlier is not None and dice(earlier.mask, result.mask) < rule.jump_dice
+        if ends(result, previous, rule) or strays:
+            if outward:
+                _drop_beyond(results, index, step)
+            return
         results[index] = result
         if earlier is not None and dice(earlier.mask, result.mask) >= rule.agree_dice:
             return
         previous = result
         index += step
-    _drop_beyond(results, index, step)
+    if outward:
+        _drop_beyond(results, index, step)
 
 
 def _drop_beyond(results: dict[int, SliceResult], index: int, step: int) -> None:
