@@ -14,11 +14,13 @@ from lib.configs import BrainSam
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 
 class BrainSamApp(MONAILabelApp):
-    """Serves one interactive model, `brainsam`, and its train task.
+    """Serves the interactive model `brainsam` with its train task, the automatic model
+    `brainsam_auto`, uncertainty scoring and the `most_uncertain` strategy.
 
     Construction only reads settings: train, scoring and batch-infer subprocesses build the app
     again, so the network loads at the first inference request.
@@ -38,11 +40,15 @@ class BrainSamApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return {self.task.name: self.task.infer()}
+        return {self.task.name: self.task.infer(), f"{self.task.name}_auto": self.task.auto_infer(self.datastore())}
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         return {self.task.name: self.task.trainer()}
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         method = self.task.scoring_method()
-        return {"precompute_embeddings": method} if method else {}
+        precompute = {"precompute_embeddings": method} if method else {}
+        return {**precompute, "uncertainty": self.task.uncertainty_scoring()}
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {**super().init_strategies(), "most_uncertain": self.task.strategy()}

@@ -6,11 +6,16 @@ from typing import Any, Dict, Optional
 
 from brainsam.config import load_config
 from brainsam.labels import CONFIGS, DEFAULT_LABEL_SET, load_label_set
+from lib.activelearning import MostUncertain
 from lib.infers import BrainSamInfer
+from lib.infers.atlases import AtlasPool
+from lib.infers.auto import BrainSamAuto
 from lib.scoring import PrecomputeEmbeddings
+from lib.scoring.uncertainty import UncertaintyScoring
 from lib.trainers import BrainSamTrain
 
 from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 ENGINE_OVERRIDES = ("device", "cache_mb", "checkpoint", "embedding_disk_mb", "precompute_mm")
@@ -37,6 +42,12 @@ class BrainSam(TaskConfig):
     labels: label set YAML; default configs/labels/freesurfer_subcortical.yaml.
     train_config: training settings in configs/training, or a YAML path; default the one named
         like the engine config, else litemedsam's (always applied to the served backbone).
+    auto_refine: whether the automatic model (brainsam_auto) refines the atlases' answer with
+        SAM by default; default false (measured: see README, "Automatic first pass").
+    auto_atlases: most labelled images registered per image by the automatic model; default 5.
+    atlas_cache: folder keeping each registration's labels; default <app>/model/atlas_cache.
+    uncertainty_budget_s: seconds one uncertainty scoring run may start new images for; 300.
+    strategy_hold_s: seconds an image handed out by most_uncertain is held back from others; 1800.
 
     Everything here is cheap (YAML only), so a bad setting stops the server at start-up.
     """
@@ -58,9 +69,24 @@ class BrainSam(TaskConfig):
         # training publishes where inference looks, unless that is a single file or `none`
         watched = self.path is not None and self.path.suffix != ".safetensors"
         self.adapter_folder = self.path if watched else Path(model_dir) / name
+        self.auto_refine = conf.get("auto_refine", "false").lower() == "true"
+        self.atlas_pool = AtlasPool(self.label_set, int(conf.get("auto_atlases", 5)))
+        self.atlas_cache = Path(conf.get("atlas_cache", os.path.join(model_dir, "atlas_cache")))
+        self.uncertainty_budget_s = float(conf.get("uncertainty_budget_s", 300))
+        self.strategy_hold_s = float(conf.get("strategy_hold_s", 1800))
 
     def infer(self) -> BrainSamInfer:
         return BrainSamInfer(self.engine_config, self.label_set, self.path)
+
+    def auto_infer(self, datastore: Datastore) -> BrainSamAuto:
+        """The automatic model: the datastore's labelled images as atlases, refined by SAM."""
+        return BrainSamAuto(self.engine_config, self.label_set, self.path, datastore, self.atlas_pool, self.auto_refine, self.atlas_cache)
+
+    def uncertainty_scoring(self) -> UncertaintyScoring:
+        return UncertaintyScoring(self.engine_config, self.label_set, self.path, self.atlas_pool, self.atlas_cache, self.uncertainty_budget_s)
+
+    def strategy(self) -> MostUncertain:
+        return MostUncertain(self.strategy_hold_s)
 
     def trainer(self) -> Optional[TrainTask]:
         return BrainSamTrain(self.train_config, self.config_name, self.engine_overrides, self.label_set, self.adapter_folder)

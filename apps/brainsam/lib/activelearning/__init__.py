@@ -1,0 +1,3 @@
+from .most_uncertain import MostUncertain
+
+__all__ = ["MostUncertain"]

@@ -1,0 +1,74 @@
+"""The atlases the automatic model registers: the datastore's labelled images, else the built-in one.
+
+Every image with a final label is an atlas (its labels read as the train task reads them:
+through Slicer's segment names, else the label set's ids). Without any, the built-in Colin27
+atlas (brainsam.prior) stands in. Atlases stay in memory while their files are unchanged.
+"""
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import List, Optional
+
+from brainsam.atlas import Atlas, load_atlas
+from brainsam.labels import LabelSet
+from brainsam.prior import builtin_atlas
+from brainsam.trainset import Subject
+from lib.infers.interaction import Lru
+from lib.trainers.brainsam import labelled_subjects
+
+from monailabel.interfaces.datastore import Datastore
+
+logger = logging.getLogger(__name__)
+
+BUILTIN = "builtin"
+
+
+def fingerprint(*paths: Path) -> str:
+    """Digest of the paths, modification times and sizes of files: a changed file changes it."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{Path(path).resolve()}:{stat.st_mtime_ns}:{stat.st_size};".encode())
+    return digest.hexdigest()
+
+
+class AtlasPool:
+    """Atlases for one label set drawn from a datastore.
+
+    most: the largest number of atlases registered per image (each costs ~12 s on 2 cores);
+    with more labelled images, the most recently labelled ones are used.
+    """
+
+    def __init__(self, labels: LabelSet, most: int):
+        self.labels = labels
+        self.most = most
+        self._loaded: Lru[Atlas] = Lru(most + 1)
+
+    def subjects(self, datastore: Datastore, exclude: Optional[str] = None) -> List[Subject]:
+        """The labelled images serving as atlases (not `exclude`, the image being segmented)."""
+        subjects = [s for s in labelled_subjects(datastore, self.labels) if s.name != exclude and s.ids]
+        subjects.sort(key=lambda s: os.stat(s.labels).st_mtime_ns)
+        return subjects[-self.most :]
+
+    def signature(self, subjects: List[Subject]) -> str:
+        """What the atlas set is: changes when a label is added, replaced or removed."""
+        if not subjects:
+            return BUILTIN
+        return fingerprint(*(path for s in subjects for path in (s.image, s.labels)))
+
+    def atlases(self, subjects: List[Subject]) -> List[Atlas]:
+        """The atlases of `subjects`, or the built-in one when there are none. Raises
+        FileNotFoundError when the built-in atlas is needed but not installed."""
+        if not subjects:
+            return [self._get(BUILTIN, lambda: builtin_atlas(self.labels))]
+        return [self._get(self.signature([s]), lambda s=s: load_atlas(s.image, s.labels, s.ids, self.labels, name=s.name)) for s in subjects]
+
+    def _get(self, key: str, load) -> Atlas:
+        atlas = self._loaded.get(key)
+        if atlas is None:
+            atlas = load()
+            self._loaded.put(key, atlas)
+            logger.info("atlas %s loaded", atlas.name)
+        return atlas

@@ -1,0 +1,117 @@
+"""How unsure the automatic model is on each unlabelled image, as a MONAI Label scoring method.
+
+For every image without a final label, the automatic first pass (brainsam.auto) runs and its
+per-structure and per-image uncertainty are written into the image's datastore info under
+`uncertainty`: {score, structures, model, image, atlases, sam, seconds}. The uncertainty is the
+atlases' disagreement with their fused result; with fewer than two atlases (a datastore with
+zero or one label) the SAM engine refines each structure and its disagreement counts instead.
+
+Incremental: an image whose stored values were computed for the same atlas set (and adapter,
+when SAM was used) and the same image file is skipped. Bounded: one run stops starting new
+images after `budget_s`, the next run (after each /activelearning and after training) goes
+on, images never scored first. It runs on one thread at lower priority, like precomputation.
+"""
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from brainsam.auto import first_pass
+from brainsam.config import EngineConfig
+from brainsam.labels import LabelSet
+from brainsam.volume import load_volume
+from lib.infers.adapters import AdapterWatcher
+from lib.infers.atlases import AtlasPool, fingerprint
+from lib.scoring.precompute import lower_priority
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+logger = logging.getLogger(__name__)
+
+KEY = "uncertainty"
+"""Where the values live in each image's datastore info."""
+
+
+class UncertaintyScoring(ScoringMethod):
+    """Scores every unlabelled image with the automatic model's uncertainty (see module doc)."""
+
+    def __init__(self, config: EngineConfig, labels: LabelSet, adapters: Optional[Path], atlases: AtlasPool, cache: Path, budget_s: float):
+        super().__init__("Uncertainty of the automatic model on each unlabelled image (atlas and SAM disagreement)")
+        self.watcher = AdapterWatcher(config, labels, adapters)
+        self.labels = labels
+        self.pool = atlases
+        self.cache = cache
+        self.budget_s = budget_s
+
+    def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, int]:
+        """Score the images whose values are missing or stale, until the time budget is spent;
+        return how many were scored, skipped as current, failed, and left for the next run."""
+        lower_priority()
+        began = time.perf_counter()
+        subjects = self.pool.subjects(datastore)
+        with_sam = len(subjects) < 2
+        model = self.pool.signature(subjects) + (f"+sam:{self._adapter()}" if with_sam else "")
+        pending = stale_images(datastore, model)
+        summary = {"scored": 0, "current": len(datastore.get_unlabeled_images()) - len(pending), "failed": 0, "left": 0}
+        logger.info("uncertainty: %d images to score with %d atlases%s", len(pending), max(len(subjects), 1), " and SAM" if with_sam else "")
+        for number, image_id in enumerate(pending):
+            if time.perf_counter() - began > self.budget_s:
+                summary["left"] = len(pending) - number
+                logger.info("uncertainty: time budget (%.0f s) spent, %d images left for the next run", self.budget_s, summary["left"])
+                break
+            try:
+                values = self._score(datastore, image_id, subjects, with_sam)
+            except Exception as error:  # a bad image must stop neither the others nor the server
+                logger.warning("uncertainty: skipped %s: %s", image_id, error)
+                summary["failed"] += 1
+                continue
+            write_info(datastore, image_id, {**values, "model": model})
+            summary["scored"] += 1
+            logger.info("uncertainty: %s: %.3f (%d/%d, %.0f s)", image_id, values["score"], number + 1, len(pending), time.perf_counter() - began)
+        return summary
+
+    def _adapter(self) -> str:
+        """Name of the adapter SAM runs with now (loading the engine picks the newest)."""
+        self.watcher.engine()
+        return self.watcher.serving.name if self.watcher.serving else "base"
+
+    def _score(self, datastore: Datastore, image_id: str, subjects: list, with_sam: bool) -> Dict[str, Any]:
+        path = datastore.get_image_uri(image_id)
+        started = time.perf_counter()
+        engine = self.watcher.engine() if with_sam else None
+        result = first_pass(self.pool.atlases(subjects), load_volume(path), self.labels, engine, cache=self.cache)
+        return {
+            "score": round(result.image_uncertainty, 4),
+            "structures": {name: round(value, 4) for name, value in result.uncertainty.items()},
+            "image": fingerprint(Path(path)),
+            "atlases": max(len(subjects), 1),
+            "sam": with_sam,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+
+
+def stale_images(datastore: Datastore, model: str) -> List[str]:
+    """Unlabelled images whose values are missing or were computed for another model or image
+    file; never-scored images first."""
+    pending = []
+    for image_id in sorted(datastore.get_unlabeled_images()):
+        stored = datastore.get_image_info(image_id).get(KEY) or {}
+        try:
+            current = stored.get("model") == model and stored.get("image") == fingerprint(Path(datastore.get_image_uri(image_id)))
+        except OSError:
+            current = False
+        if not current:
+            pending.append((bool(stored), image_id))
+    return [image_id for _, image_id in sorted(pending)]
+
+
+def write_info(datastore: Datastore, image_id: str, values: Dict[str, Any]) -> None:
+    """Store `values` under KEY in the image's info. The datastore file is rewritten whole by
+    every writer, so it is read again first: what the server wrote meanwhile (labels saved,
+    images handed out) is kept."""
+    reload = getattr(datastore, "_init_from_datastore_file", None)
+    if reload is not None:
+        reload()
+    datastore.update_image_info(image_id, {KEY: values})
