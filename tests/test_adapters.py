@@ -87,6 +87,11 @@ def test_damaged_adapter_files_are_refused(tmp_path) -> None:
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(AdapterError):
         load_adapter(load_backbone("litemedsam"), path)
+    zeroed = bytearray(data)
+    zeroed[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)  # weights damaged, header intact: loads without the checksum
+    path.write_bytes(bytes(zeroed))
+    with pytest.raises(AdapterError, match="checksum"):
+        load_adapter(load_backbone("litemedsam"), path)
     junk = tmp_path / "junk.safetensors"
     junk.write_text("not an adapter")
     with pytest.raises(AdapterError, match="not a readable brainsam adapter"):

@@ -7,11 +7,14 @@ Settings (--conf) are listed in lib/configs/brainsam.py.
 
 import os
 from importlib.metadata import version
-from typing import Dict
+from typing import Any, Dict, Optional
 
 from lib.configs import BrainSam
+from lib.datastore import StudiesDatastore, datastore_image
+from lib.errors import install_error_handlers
 
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -38,6 +41,23 @@ class BrainSamApp(MONAILabelApp):
             version=version("brainsam"),
             labels=self.task.label_set.names,
         )
+
+    def init_datastore(self) -> Datastore:
+        """A local studies folder refuses ids and tags that would name files outside it."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return StudiesDatastore(self.studies)
+
+    def on_init_complete(self) -> None:
+        from monailabel.app import app  # the server's FastAPI app; only the server calls this
+
+        install_error_handlers(app)
+        super().on_init_complete()
+
+    def infer(self, request: Dict[str, Any], datastore: Optional[Datastore] = None) -> Dict[str, Any]:
+        """Inference reads datastore images only: `image` (query or params) is an id, never a path."""
+        image = datastore_image(request.get("image"), datastore or self.datastore(), self.sessions())
+        return super().infer({**request, "image": image}, datastore)
 
     def init_infers(self) -> Dict[str, InferTask]:
         return {self.task.name: self.task.infer(), f"{self.task.name}_auto": self.task.auto_infer(self.datastore())}

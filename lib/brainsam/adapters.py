@@ -2,11 +2,14 @@
 
 The manifest travels inside the safetensors header, so one atomic rename publishes weights
 and manifest together; a JSON copy beside it is for people. Loading checks the manifest
-against the running backbone and refuses an adapter made for another one.
+against the running backbone and refuses an adapter made for another one, and checks the
+weights against the checksum written with them (safetensors has none: damaged weights would
+otherwise load silently).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
+import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from .backbones import Backbone
@@ -22,6 +26,7 @@ from .lora import LoraSettings, add_lora, trainable_state
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "brainsam_manifest"
+CHECKSUM_KEY = "brainsam_weights_sha256"
 
 
 class AdapterError(RuntimeError):
@@ -57,7 +62,8 @@ def save_adapter(backbone: Backbone, manifest: dict[str, Any], path: str | Path)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
     os.close(handle)
     try:
-        save_file(trainable_state(backbone), temp, metadata={MANIFEST_KEY: text})
+        weights = trainable_state(backbone)
+        save_file(weights, temp, metadata={MANIFEST_KEY: text, CHECKSUM_KEY: weights_sha256(weights)})
         os.replace(temp, path)
     finally:
         if os.path.exists(temp):
@@ -66,13 +72,32 @@ def save_adapter(backbone: Backbone, manifest: dict[str, Any], path: str | Path)
     return path
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest stored inside an adapter file; AdapterError if the file is not a valid adapter."""
+def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
+    """Checksum of named tensors: names and raw bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an adapter file's header; AdapterError if it holds no brainsam manifest."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        return json.loads(metadata[MANIFEST_KEY])
-    except (SafetensorError, OSError, KeyError, ValueError) as error:
+    except (SafetensorError, OSError) as error:
+        raise AdapterError(f"{path} is not a readable brainsam adapter: {error}") from error
+    if MANIFEST_KEY not in metadata:
+        raise AdapterError(f"{path} is not a readable brainsam adapter: it holds no {MANIFEST_KEY}")
+    return metadata
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest stored inside an adapter file; AdapterError if the file is not a valid adapter."""
+    try:
+        return json.loads(read_metadata(path)[MANIFEST_KEY])
+    except ValueError as error:
         raise AdapterError(f"{path} is not a readable brainsam adapter: {error}") from error
 
 
@@ -108,6 +133,9 @@ def load_adapter(backbone: Backbone, path: str | Path) -> dict[str, Any]:
         weights = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{path} is damaged: {error}") from error
+    checksum = read_metadata(path).get(CHECKSUM_KEY)  # absent in adapters written before it was added
+    if checksum is not None and weights_sha256(weights) != checksum:
+        raise AdapterError(f"{path} is damaged: its weights do not match the checksum written when it was published")
     expected = set(trainable_state(backbone))
     if set(weights) != expected:
         raise AdapterError(f"{path} holds other weights than its manifest describes ({len(weights)} tensors, expected {len(expected)})")

@@ -88,6 +88,8 @@ def parse_roi(roi: object, volume: Volume, view: SliceView) -> ViewBox:
         raise PromptError(f"roi {values.tolist()} lies outside the image of shape {shape.tolist()}")
     corners = points_to_view(np.stack([lower, upper]), volume, view)
     low, high = corners.min(axis=0), corners.max(axis=0)
+    if np.any(high[1:] == low[1:]):  # a line or a point in the slices: no area for the model to box
+        raise PromptError(f"roi {values.tolist()} encloses no area in the slices brainsam segments: draw it around the structure")
     return ViewBox((int(low[0]), int(high[0])), (int(low[1]), int(high[1])), (int(low[2]), int(high[2])))
 
 

@@ -65,13 +65,16 @@ def normalise_intensity(data: np.ndarray, low: float = 0.5, high: float = 99.5) 
     """Scale intensities to [0, 1] between percentiles of the non-zero finite voxels.
 
     Zero voxels (background of skull-stripped or defaced scans) do not bias the percentiles.
-    NaN and infinite values become 0. A constant image becomes all zeros.
+    NaN and infinite values become 0. A constant image becomes all zeros; a single value on a
+    zero background becomes 1.
     """
     data = np.nan_to_num(data.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
     values = data[data != 0]
     if values.size == 0:
         return np.zeros_like(data)
     lo, hi = np.percentile(values, [low, high])
+    if hi <= lo and values.size < data.size:  # one value on a zero background: the contrast is against it
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
     if hi <= lo:
         return np.zeros_like(data)
     return np.clip((data - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
@@ -122,7 +125,10 @@ def load_volume(path: str | Path) -> Volume:
         raise
     except Exception as error:  # nibabel raises many types for damaged files
         raise VolumeError(f"cannot read {path.name} as an image: {error}") from error
-    return from_array(array, image.affine)
+    volume = from_array(array, image.affine)
+    if not volume.data.any():  # nothing a prompt could separate: refuse rather than answer noise
+        raise VolumeError(f"{path.name} holds no contrast (every finite voxel has the same value): there is nothing to segment")
+    return volume
 
 
 def save_mask(volume: Volume, canonical_mask: np.ndarray, path: str | Path, dtype: str = "uint8") -> Path:
