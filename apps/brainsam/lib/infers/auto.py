@@ -28,15 +28,16 @@ from brainsam.volume import VolumeError, load_volume
 from lib.infers.adapters import AdapterWatcher
 from lib.infers.atlases import AtlasPool
 from lib.infers.brainsam import read_dtype, read_extension, read_flag
+from lib.infers.labelled import LabelSetInfer
 from lib.infers.results import write_mask
 
 from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.tasks.infer_v2 import InferType
 
 logger = logging.getLogger(__name__)
 
 
-class BrainSamAuto(InferTask):
+class BrainSamAuto(LabelSetInfer):
     """Automatic segmentation of all structures of one label set (MONAI Label type segmentation).
 
     config, labels, adapters: as for the interactive task (SAM refinement uses the newest
@@ -59,14 +60,6 @@ class BrainSamAuto(InferTask):
         self.refine = refine
         self.cache = cache
         self._lock = threading.Lock()
-
-    def info(self) -> Dict[str, Any]:
-        info = super().info()
-        info["label_colors"] = {structure.name: list(structure.color) for structure in self.label_set.structures}
-        return info
-
-    def is_valid(self) -> bool:
-        return True
 
     def __call__(self, request: Dict[str, Any]) -> tuple[str, Dict[str, Any]]:
         """Answer one request: (path of the label volume, result params)."""

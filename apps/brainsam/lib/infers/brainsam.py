@@ -29,9 +29,10 @@ from brainsam.prompts import PromptError, parse_points, parse_roi
 from brainsam.volume import VolumeError, load_volume
 from lib.infers.adapters import AdapterWatcher
 from lib.infers.interaction import REFINE, SEGMENT, Interaction, Lru, Prompts, plan
+from lib.infers.labelled import LabelSetInfer
 from lib.infers.results import EXTENSIONS, write_mask
 
-from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.tasks.infer_v2 import InferType
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Options:
     client: str
 
 
-class BrainSamInfer(InferTask):
+class BrainSamInfer(LabelSetInfer):
     """Interactive 3D segmentation of the structures of one label set (MONAI Label type deepgrow).
 
     config, labels: the engine's settings and label set. adapters: an adapter file or folder
@@ -73,15 +74,6 @@ class BrainSamInfer(InferTask):
         self.images: Lru[PreparedImage] = Lru(IMAGES_KEPT)
         self.interactions: Lru[Interaction] = Lru(INTERACTIONS_KEPT)
         self._lock = threading.Lock()  # one request at a time even with MONAI_LABEL_INFER_CONCURRENCY
-
-    def info(self) -> Dict[str, Any]:
-        """MONAI Label's model info plus each structure's display colour (RGB 0-255)."""
-        info = super().info()
-        info["label_colors"] = {structure.name: list(structure.color) for structure in self.label_set.structures}
-        return info
-
-    def is_valid(self) -> bool:
-        return True
 
     def __call__(self, request: Dict[str, Any]) -> tuple[str, Dict[str, Any]]:
         """Answer one request: (path of the mask file, result params)."""
