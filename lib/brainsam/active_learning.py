@@ -35,23 +35,35 @@ logger = logging.getLogger(__name__)
 
 
 class Pairs:
-    """Every subject's labels propagated onto every other subject, computed once (cached)."""
+    """Every subject's labels propagated onto every other subject, computed once (cached), and
+    the assessment of each (target, atlas set), computed once."""
 
     def __init__(self, atlases: dict[str, Atlas], cache: Path):
         self.atlases = atlases
         self.cache = cache
+        self._assessed: dict[tuple[str, frozenset], tuple[dict[str, float], dict[str, float]]] = {}
 
     def onto(self, target: str, sources: list[str]) -> list[np.ndarray]:
         return [propagate(self.atlases[s], self.atlases[target].volume, cache=self.cache) for s in sources]
 
+    def assess(self, target: str, sources: list[str], labels: LabelSet) -> tuple[dict[str, float], dict[str, float]]:
+        """(Dice per structure, uncertainty per structure) of `target` labelled by `sources`."""
+        key = (target, frozenset(sources))
+        if key not in self._assessed:
+            truth = self.atlases[target].labels
+            propagated = self.onto(target, sorted(sources))
+            box = labelled_box([truth, *propagated])  # everything outside is background in all maps
+            propagated, truth = [p[box] for p in propagated], truth[box]
+            fused = fuse(propagated)
+            scores = {s.name: dice(fused == s.id, truth == s.id) for s in labels.structures if (truth == s.id).any()}
+            self._assessed[key] = scores, disagreement(propagated, {}, fused, labels)
+        return self._assessed[key]
 
-def assess(pairs: Pairs, target: str, sources: list[str], labels: LabelSet) -> tuple[dict[str, float], dict[str, float]]:
-    """(Dice per structure, uncertainty per structure) of `target` labelled by `sources`."""
-    propagated = pairs.onto(target, sources)
-    fused = fuse(propagated)
-    truth = pairs.atlases[target].labels
-    scores = {s.name: dice(fused == s.id, truth == s.id) for s in labels.structures if (truth == s.id).any()}
-    return scores, disagreement(propagated, {}, fused, labels)
+
+def labelled_box(maps: list[np.ndarray]) -> tuple[slice, ...]:
+    """The smallest box holding every non-zero voxel of all `maps`."""
+    index = np.argwhere(np.any(np.stack(maps) > 0, axis=0))
+    return tuple(slice(lo, hi + 1) for lo, hi in zip(index.min(axis=0), index.max(axis=0)))
 
 
 def leave_one_out(pairs: Pairs, labels: LabelSet) -> list[dict]:
@@ -59,7 +71,7 @@ def leave_one_out(pairs: Pairs, labels: LabelSet) -> list[dict]:
     rows = []
     names = sorted(pairs.atlases)
     for target in names:
-        scores, uncertainty = assess(pairs, target, [n for n in names if n != target], labels)
+        scores, uncertainty = pairs.assess(target, [n for n in names if n != target], labels)
         rows += [{"subject": target, "structure": s, "dice": d, "uncertainty": uncertainty[s]} for s, d in scores.items()]
         logger.info("%s: mean Dice %.3f, uncertainty %.3f", target, np.mean(list(scores.values())), np.mean(list(uncertainty.values())))
     return rows
@@ -108,13 +120,13 @@ def simulate(pairs: Pairs, labels: LabelSet, test: list[str], start: list[str], 
     labelled, pool = list(start), list(pool)
     curve = []
     while True:
-        curve.append(float(np.mean([np.mean(list(assess(pairs, t, labelled, labels)[0].values())) for t in test])))
+        curve.append(float(np.mean([np.mean(list(pairs.assess(t, labelled, labels)[0].values())) for t in test])))
         if not pool:
             return curve
         if pick == "random":
             chosen = pool[rng.integers(len(pool))]
         else:
-            chosen = max(pool, key=lambda s: np.mean(list(assess(pairs, s, labelled, labels)[1].values())))
+            chosen = max(pool, key=lambda s: np.mean(list(pairs.assess(s, labelled, labels)[1].values())))
         labelled.append(chosen)
         pool.remove(chosen)
 
