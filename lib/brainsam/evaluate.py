@@ -15,8 +15,10 @@ aseg, muse.nii.gz: MUSE/MALC) or given with --labels/--mapping. Modes, per struc
   structure was missed, background where the mask spilled over); a row after every click;
 - box: a tight 3D box (the label's bounding box, as a Slicer ROI) alone;
 - box+clicks: that box (its row at 0 clicks is mode box's), then the robot's corrective clicks;
-- atlas (with --atlas SUBJECT): the classical baseline, registration of a labelled subject
-  (brainsam.atlas), no learning and no prompt.
+- atlas (with --atlas SUBJECT ...): the classical baseline, registration of a labelled subject
+  of the same data set (brainsam.atlas), no learning and no prompt;
+- auto (with --auto): the automatic pass (brainsam.auto), that registration refined by the
+  model prompted with the box of each registered structure, no click.
 Every row holds Dice and HD95 (mm; empty when the mask is empty) and what the request cost.
 Models: zero-shot (`none`) and/or adapters (a file, or a folder: its newest *.safetensors),
 in-process; or, with --server, whatever that running server serves, over REST as 3D Slicer
@@ -37,6 +39,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -52,7 +55,7 @@ from tqdm import tqdm
 
 from .config import load_config
 from .engine import Engine
-from .labels import CONFIGS, load_label_set, load_mapping
+from .labels import CONFIGS, LabelSet, load_label_set, load_mapping
 from .propagation import dice
 from .remote import PeakMemory, ensure_image, server_pid
 from .report import accuracy_summary, latency_summary, plot_dice_vs_clicks, print_report, to_json, write_csv
@@ -176,21 +179,28 @@ def newest_adapter(path: str) -> Path | None:
     return folder
 
 
+def engine_of(args: argparse.Namespace, adapter: Path | None) -> Engine:
+    """The engine of --config and --set overrides, with `adapter` (None: zero-shot)."""
+    return Engine(load_config(args.config, **dict(item.split("=", 1) for item in args.set)), adapter=adapter)
+
+
 def evaluate_models(args: argparse.Namespace, subjects: list[Subject], structures: list[str], ids: dict[str, dict[str, int]]) -> tuple[list[dict], dict]:
     """Rows of every model (engine) or of the server, and the peak memory they took."""
     rows: list[dict] = []
     tasks = [(s, name) for s in subjects for name in structures if (s.labels == ids[s.dataset].get(name, -1)).any()]
     if args.server:
         pid = server_pid(args.server)
-        client = MONAILabelClient(args.server, client_id="brainsam-evaluate")
-        with PeakMemory(pid) if pid else nullcontext() as memory:
+        # a folder of our own: on one machine the client would save each mask under the name of
+        # the server's temporary file, which the server deletes once sent
+        with tempfile.TemporaryDirectory() as folder, PeakMemory(pid) if pid else nullcontext() as memory:
+            client = MONAILabelClient(args.server, tmpdir=folder, client_id="brainsam-evaluate")
             for subject in {s.name: s for s in subjects}.values():
                 ensure_image(client, subject.name, subject.image)
             rows += run_tasks(tasks, "server", "server", args, ids, lambda subject: ServerSession(client, subject.name))
         return rows, {"server_peak_rss_gb": memory.total_peak / 2**30 if pid else None}
     for adapter in args.adapters:
         path = newest_adapter(adapter)
-        engine = Engine(load_config(args.config, **dict(item.split("=", 1) for item in args.set)), adapter=path)
+        engine = engine_of(args, path)
         rows += run_tasks(tasks, "zero-shot" if path is None else path.name, "engine", args, ids, PreparedImages(engine).session)
     return rows, {"engine_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -222,28 +232,40 @@ def run_tasks(tasks: list[tuple[Subject, str]], model: str, backend: str, args: 
     return rows
 
 
-def atlas_rows(atlas_folder: Path, args: argparse.Namespace, subjects: list[Subject], structures: list[str], ids: dict) -> tuple[list[dict], dict]:
-    """The classical baseline: the labelled subject `atlas_folder` registered onto each subject
-    (brainsam.atlas), scored per structure like the prompts; registration seconds per subject."""
+def registration_rows(folders: list[Path], args: argparse.Namespace, subjects: list[Subject], structures: list[str], ids: dict, engine: Engine | None = None) -> tuple[list[dict], dict]:
+    """The classical baseline (engine None: a labelled subject registered onto each subject,
+    brainsam.atlas) or the automatic pass (brainsam.auto: that registration's labels refined by
+    the engine prompted with their boxes), scored per structure like the prompts. Each subject
+    gets the atlas from its own data set when one of `folders` is (same scanner and protocol),
+    else the first; never itself."""
     from . import atlas as registration  # SimpleITK: imported only when asked for
+    from .auto import first_pass
 
-    source = dataset_of(atlas_folder.parent, args.image, None, None)
     label_set = load_label_set()
-    reference = registration.load_atlas(atlas_folder / args.image, atlas_folder / source.labels, source.ids, label_set, name=atlas_folder.name)
+    chosen = LabelSet(label_set.name, tuple(s for s in label_set.structures if s.name in structures), label_set.default_extent_mm)
+    mode = "atlas" if engine is None else "auto"
+    atlases = {}
+    for folder in folders:
+        source = dataset_of(folder.parent, args.image, None, None)
+        atlases[source.name] = registration.load_atlas(folder / args.image, folder / source.labels, source.ids, label_set, name=folder.name)
     rows, seconds = [], []
-    for subject in tqdm([s for s in subjects if s.name != atlas_folder.name], desc="atlas", unit="subject", file=sys.stderr):
+    for subject in tqdm(subjects, desc=mode, unit="subject", file=sys.stderr):
+        reference = atlases.get(subject.dataset, next(iter(atlases.values())))
+        if reference.name == subject.name:
+            continue
         target = load_volume(subject.image)
         began = time.perf_counter()
-        labels = target.to_stored(registration.segment([reference], target).fused)
+        found = registration.segment([reference], target).fused if engine is None else first_pass([reference], target, chosen, engine).labels
+        labels = target.to_stored(found)
         seconds.append(time.perf_counter() - began)
         for name in structures:
             truth = subject.labels == ids[subject.dataset].get(name, -1)
             if truth.any():
                 mask = labels == label_set[name].id
-                rows.append({"dataset": subject.dataset, "subject": subject.name, "structure": name, "model": f"atlas {atlas_folder.name}", "backend": "engine",
-                             "mode": "atlas", "clicks": 0, "request": None, "dice": dice(mask, truth), "hd95": hd95(mask, truth, subject.spacing),
-                             "seconds": seconds[-1], "encoded": None, "decoded": None, "encode_s": None, "decode_s": None})  # fmt: skip
-    return rows, {"atlas": atlas_folder.name, "registration_s_mean": float(np.mean(seconds)) if seconds else None, "subjects": len(seconds)}
+                rows.append({"dataset": subject.dataset, "subject": subject.name, "structure": name, "model": mode, "backend": "engine",
+                             "mode": mode, "clicks": 0, "request": None, "dice": dice(mask, truth), "hd95": hd95(mask, truth, subject.spacing),
+                             "seconds": seconds[-1], "encoded": None, "decoded": None, "encode_s": None, "decode_s": None, "atlas": reference.name})  # fmt: skip
+    return rows, {"atlases": [f.name for f in folders], "seconds_mean": float(np.mean(seconds)) if seconds else None, "subjects": len(seconds)}
 
 
 def deepedit_latency(subjects: list[Subject], structures: list[str], ids: dict, clicks: int) -> dict:
@@ -253,7 +275,7 @@ def deepedit_latency(subjects: list[Subject], structures: list[str], ids: dict, 
     over the whole resized volume, whatever the structure."""
     from .peers import deepedit_task, deepedit_click
 
-    task = deepedit_task(structures)
+    task = deepedit_task(load_label_set().names)  # a lab's DeepEdit would label the whole set: its input has a channel per label
     first, corrective = [], []
     for subject in tqdm(subjects, desc="deepedit", unit="subject", file=sys.stderr):
         name = next((n for n in structures if (subject.labels == ids[subject.dataset].get(n, -1)).any()), None)
@@ -302,7 +324,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fast", action="store_true", help=f"one subject per folder, {', '.join(FAST_STRUCTURES)}, {FAST_CLICKS} clicks (CI)")
     parser.add_argument("--adapters", nargs="*", default=["none"], help="models: none (zero-shot) and/or adapter files or folders; none given: peers only")
     parser.add_argument("--server", help="URL of a running brainsam server to evaluate over REST instead of in-process")
-    parser.add_argument("--atlas", type=Path, help="a labelled subject folder registered onto every subject (classical baseline)")
+    parser.add_argument("--atlas", type=Path, nargs="+", help="labelled subject folders registered onto the subjects of their own data set (classical baseline)")
+    parser.add_argument("--auto", action="store_true", help="the automatic pass: --atlas registration refined by the (first) model's box prompts")
     parser.add_argument("--deepedit", action="store_true", help="time MONAI Label's radiology DeepEdit on the same images and clicks")
     parser.add_argument("--train-stats", type=Path, help="a training run's train_stats.json: throughput and time to --target-dice")
     parser.add_argument("--target-dice", type=float, default=0.6, help="validation Dice the training figures time")
@@ -312,6 +335,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", type=Path, required=True, help="results JSON; .csv and .png are written beside it")
     args = parser.parse_args(argv)
     args.clicks = args.clicks or (FAST_CLICKS if args.fast else 1)
+    if args.auto and not args.atlas:
+        parser.error("--auto needs --atlas: the automatic pass starts from registered atlases")
     if args.fast:
         args.structures = args.structures or FAST_STRUCTURES
     return args
@@ -334,8 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     rows, memory = evaluate_models(args, subjects, structures, ids)
     peers: dict = {}
     if args.atlas:
-        atlas, peers["atlas"] = atlas_rows(args.atlas, args, subjects, structures, ids)
+        atlas, peers["atlas"] = registration_rows(args.atlas, args, subjects, structures, ids)
         rows += atlas
+    if args.auto:
+        engine = engine_of(args, newest_adapter(args.adapters[0]) if args.adapters else None)
+        auto, peers["auto"] = registration_rows(args.atlas, args, subjects, structures, ids, engine)
+        rows += auto
     if args.deepedit:
         peers["deepedit"] = deepedit_latency(subjects, structures, ids, args.clicks)
     results = to_json({

@@ -10,6 +10,7 @@ speed does not depend on its weight values, so the figures are latency only, nev
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import tempfile
 import time
@@ -52,6 +53,7 @@ def deepedit_task(structures: list[str]):
         deepedit = importlib.import_module("lib.infers.deepedit")
     finally:
         sys.path.remove(str(RADIOLOGY))
+    logging.getLogger("monailabel").setLevel(logging.WARNING)  # it logs every transform of every request
     labels = {name: index for index, name in enumerate(structures, start=1)} | {"background": 0}
     return deepedit.DeepEdit(
         path=[str(Path(tempfile.gettempdir()) / "brainsam-deepedit-untrained.pt")],  # absent: the network keeps its random weights

@@ -104,7 +104,7 @@ def plot_dice_vs_clicks(summary: list[dict], path: Path) -> None:
         lines: dict[tuple, dict[int, float]] = defaultdict(dict)
         flat: dict[str, float] = {}
         for s in (s for s in summary if s["dataset"] == dataset):
-            name = f"{s['model']}" + ("" if s["backend"] == "engine" else f" ({s['backend']})")
+            name = s["model"].removesuffix(".safetensors") + ("" if s["backend"] == "engine" else f" ({s['backend']})")
             k = int("".join(c for c in s["setting"] if c.isdigit()) or 0)
             if s["setting"].endswith("click"):
                 lines[(name, "clicks")][k] = s["dice"]
@@ -122,7 +122,7 @@ def plot_dice_vs_clicks(summary: list[dict], path: Path) -> None:
         axis.set(title=dataset, xlabel="robot clicks (0: box only)", ylim=(0, 1))
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="lower right")
+        axis.legend(fontsize=7, loc="best", framealpha=0.6)
     axes[0][0].set_ylabel("mean Dice over structures")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
