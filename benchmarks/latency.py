@@ -1,6 +1,6 @@
 """Latency of first and corrective clicks on the real server, with and without precomputation.
 
-    nice -n 10 .venv/bin/python -m benchmarks.latency [--no-precompute]
+    nice -n 10 .venv/bin/python -m benchmarks.latency [--no-precompute] [--atlases N]
 
 Starts the server as tests/test_server.py does, over a temporary studies folder holding one
 1 mm FreeSurfer subject (fs-aseg sub-01, 256^3) and one 2 mm IXI subject (IXI012-HH-1211), lets
@@ -11,25 +11,33 @@ is most wrong (every click so far sent, the newest appended). Prints each click'
 client sees it, the CPU time the server process spent on it (less sensitive than wall time to
 other work on the machine: the load average is printed too) and the slices the server encoded
 for it; p50/p95 of first and corrective clicks; and the peak resident memory of the server with
-its children (the precomputing subprocess), sampled every 0.2 s. Needs ../shared/data. Prints
-figures only: nothing is asserted on time.
+its children (the precomputing subprocess), sampled every 0.2 s. With --atlases N, N more
+fs-aseg subjects lie in the studies folder with final labels, so start-up scoring registers them
+onto the two images and clicks are guided by them where they fit (each line says whether the
+atlases or the model answered). Needs ../shared/data. Prints figures only: nothing is asserted
+on time.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import nibabel as nib
 import numpy as np
 import psutil
 
+from brainsam.atlas import relabel
+from brainsam.labels import load_label_set, load_mapping
 from brainsam.remote import PeakMemory
 from tests.test_server import (
+    ROOT,
     Server,
     Subject,
     correction,
@@ -41,18 +49,21 @@ from tests.test_server import (
 )
 
 STRUCTURES = ["Left-Putamen", "Right-Thalamus", "Left-Hippocampus", "Brain-Stem"]
+ATLAS_SUBJECTS = ["sub-02", "sub-03", "sub-04", "sub-05", "sub-06", "sub-07"]
 PRECOMPUTE_TIMEOUT_S = 3600
 
 
 @dataclass
 class Click:
     """One request as the benchmark saw it: first or corrective, seconds at the client, CPU
-    seconds the server process spent on it, slices the server encoded for it."""
+    seconds the server process spent on it, slices the server encoded for it, and what
+    answered (atlases or model)."""
 
     kind: str
     seconds: float
     cpu_seconds: float
     encoded: int
+    guide: str
 
 
 def click_session(server: Server, subject: Subject, structure: str, corrections: int, work: Path) -> Iterator[Click]:
@@ -65,9 +76,21 @@ def click_session(server: Server, subject: Subject, structure: str, corrections:
         cpu, began = sum(process.cpu_times()[:2]), time.perf_counter()
         mask, result = infer(client, subject, prompts)
         seconds, cpu = time.perf_counter() - began, sum(process.cpu_times()[:2]) - cpu
-        yield Click("first" if number == 0 else "corrective", seconds, cpu, result["encoded_slices"])
+        yield Click("first" if number == 0 else "corrective", seconds, cpu, result["encoded_slices"], result["guide"])
         kind, click = correction(mask, truth)
         prompts = {**prompts, kind: prompts[kind] + [click], "reset_state": False}
+
+
+def place_labelled(studies: Path, name: str) -> None:
+    """An fs-aseg subject's image and its labels, in the label set's ids, as a final label."""
+    source = ROOT.parent / "shared" / "data" / "fs-aseg" / name
+    shutil.copy(source / "T1.nii.gz", studies / f"{name}.nii.gz")
+    final = studies / "labels" / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    label_set = load_label_set()
+    stored = nib.load(source / "aseg.nii.gz")
+    labels = relabel(np.asarray(stored.dataobj), load_mapping(ROOT / "configs" / "mappings" / "aseg.yaml"), label_set)
+    nib.save(nib.Nifti1Image(labels, stored.affine), final / f"{name}.nii.gz")
 
 
 def summary(kind: str, clicks: list[Click]) -> str:
@@ -83,6 +106,7 @@ def main() -> None:
     parser.add_argument("--no-precompute", action="store_true", help="no scoring at start-up: every first click encodes")
     parser.add_argument("--structures", nargs="+", default=STRUCTURES)
     parser.add_argument("--corrections", type=int, default=2, help="corrective clicks per structure")
+    parser.add_argument("--atlases", type=int, default=0, help="fs-aseg subjects (after sub-01) labelled in the studies folder")
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPU cores")
     clicks: list[Click] = []
@@ -93,6 +117,8 @@ def main() -> None:
             load_subject(studies, "fs-aseg", "sub-01", "aseg.nii.gz", "aseg.yaml"),
             load_subject(studies, "ixi-muse", "IXI012-HH-1211", "muse.nii.gz", "muse.yaml"),
         ]
+        for name in ATLAS_SUBJECTS[: args.atlases]:
+            place_labelled(studies, name)
         with running_server(studies, work / "server", precompute=not args.no_precompute) as server, PeakMemory(server.pid) as memory:
             if not args.no_precompute:
                 began = time.perf_counter()
@@ -103,7 +129,7 @@ def main() -> None:
                     for click in click_session(server, subject, structure, args.corrections, work):
                         clicks.append(click)
                         print(f"{subject.image_id:<15} {structure:<18} {click.kind:<10} {click.seconds:6.2f} s  "
-                              f"server CPU {click.cpu_seconds:6.2f} s  {click.encoded:3d} slices encoded", flush=True)  # fmt: skip
+                              f"server CPU {click.cpu_seconds:6.2f} s  {click.encoded:3d} slices encoded  by {click.guide}", flush=True)  # fmt: skip
     print(f"{'precomputed' if not args.no_precompute else 'no precomputation'}; load average at the end {os.getloadavg()[0]:.2f}")
     for kind in ("first", "corrective"):
         print(summary(kind, clicks))

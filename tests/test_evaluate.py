@@ -145,3 +145,16 @@ def test_server_answers_the_robot_as_the_engine_does(engine_results: dict, serve
     # the engine run filled the store the server reads: at most a slice or two more to encode
     assert sum(r["encoded"] for r in server_rows) <= 0.2 * sum(r["encoded"] for r in engine_results["rows"] if r["encoded"])
     assert server_results["memory"]["server_peak_rss_gb"] > 0.3
+
+
+def test_atlas_guided_clicks_beat_the_model_alone(engine_results: dict, work: Path) -> None:
+    """With two other ixi-muse subjects registered onto the subject (as a server with two
+    labelled images), clicks are answered along the atlases' vote, better than by the model."""
+    guided = run(require_data("ixi-muse"), work / "guided.json", "--modes", "clicks", "--guide-atlases", "2", "--atlas-cache", str(work / "atlas_cache"))
+    model = {r["model"] for r in guided["rows"]}
+    assert model == {"zero-shot + atlases (2)"}
+    after = {r["structure"]: r["dice"] for r in guided["rows"] if r["clicks"] == CLICKS}
+    alone = {r["structure"]: r["dice"] for r in engine_results["rows"] if r["mode"] == "clicks" and r["clicks"] == CLICKS}
+    assert set(after) == set(STRUCTURES)
+    assert np.mean(list(after.values())) > np.mean(list(alone.values()))
+    assert any((work / "atlas_cache").glob("*.npz"))  # registrations kept for the next run

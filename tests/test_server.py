@@ -117,7 +117,8 @@ def free_port() -> int:
 def running_server(studies: Path, work: Path, precompute: bool = False, conf: dict[str, str] | None = None) -> Iterator[Server]:
     """The real server over `studies`, started as scripts/demo.sh starts it, watching an empty
     adapter folder under `work` (as the demo's default folder is on a fresh checkout) and
-    keeping embeddings under `work`; stopped with its whole process group afterwards.
+    keeping embeddings and registrations under `work` (first answers come from the model until
+    scoring registers atlases there); stopped with its whole process group afterwards.
 
     precompute: run MONAI Label's scoring at start-up, which precomputes embeddings.
     conf: more --conf settings.
@@ -130,6 +131,7 @@ def running_server(studies: Path, work: Path, precompute: bool = False, conf: di
         "--app", str(ROOT / "apps" / "brainsam"), "--studies", str(studies),
         "--host", "127.0.0.1", "--port", str(port),
         "--conf", "adapter", str(adapters), "--conf", "embedding_dir", str(work / "embeddings"),
+        "--conf", "atlas_cache", str(work / "atlas_cache"),
     ]  # fmt: skip
     for key, value in (conf or {}).items():
         command += ["--conf", key, value]

@@ -60,7 +60,8 @@ class BrainSamApp(MONAILabelApp):
         return super().infer({**request, "image": image}, datastore)
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return {self.task.name: self.task.infer(), f"{self.task.name}_auto": self.task.auto_infer(self.datastore())}
+        datastore = self.datastore()
+        return {self.task.name: self.task.infer(datastore), f"{self.task.name}_auto": self.task.auto_infer(datastore)}
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         return {self.task.name: self.task.trainer()}

@@ -28,7 +28,7 @@ from .atlas import Atlas, fuse, load_atlas, propagate
 from .auto import disagreement, refine, vote
 from .config import load_config
 from .engine import Engine
-from .labels import LabelSet, load_label_set, load_mapping
+from .labels import LabelSet, add_labelled_folder_arguments, load_label_set, load_mapping
 from .propagation import dice
 
 logger = logging.getLogger(__name__)
@@ -168,10 +168,7 @@ def plot(result: dict, start: int, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m brainsam.active_learning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="folder of subject folders, each with an image and a label file")
-    parser.add_argument("--image", default="T1.nii.gz")
-    parser.add_argument("--labels", default="aseg.nii.gz")
-    parser.add_argument("--mapping", default="configs/mappings/aseg.yaml")
+    add_labelled_folder_arguments(parser, "aseg.nii.gz", "configs/mappings/aseg.yaml")
     parser.add_argument("--cache", type=Path, default=Path("runs/atlas_cache"), help="registration results")
     parser.add_argument("--repeats", type=int, default=10, help="random runs per split")
     parser.add_argument("--seed", type=int, default=0)

@@ -39,6 +39,8 @@ class EngineConfig:
     seed_refinements: times the seed slice is re-prompted with the box of its own mask.
     extent_scale: scale of the structure's typical size when a click is grown into a box.
     walk_scale: how far (in typical sizes) propagation may go from a lone click.
+    vote_radius_mm: how far from a corrective click an answer guided by atlases changes
+    (brainsam.votes).
     """
 
     backbone: str = "litemedsam"
@@ -62,6 +64,7 @@ class EngineConfig:
     seed_refinements: int = 1
     extent_scale: float = 1.0
     walk_scale: float = 1.5
+    vote_radius_mm: float = 5.0
 
     def axis_for(self, spacing: tuple[float, float, float]) -> str:
         """The working axis for a volume: the configured one, unless voxels are strongly

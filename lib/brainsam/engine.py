@@ -21,6 +21,7 @@ from .labels import LabelSet, load_label_set
 from .predictor import PreparedImage, Predictor, Segmentation
 from .prompts import parse_points, parse_roi, points_to_view
 from .volume import Volume, load_volume
+from .votes import VoteShare, correct, first_answer, outside_of
 
 logger = logging.getLogger(__name__)
 
@@ -73,20 +74,45 @@ class Engine:
         foreground: object = None,
         background: object = None,
         roi: object = None,
+        votes: np.ndarray | None = None,
     ) -> Segmentation:
         """First answer for structure `label` from stored-index clicks and/or a Slicer ROI.
+
+        votes: canonical share of registered atlases voting for the structure per voxel. Where
+        their majority holds the first foreground click (or, without clicks, meets the ROI),
+        its piece there is the first answer, later clicks correct it along the vote
+        (brainsam.votes); elsewhere the model answers.
 
         Raises KeyError for an unknown label and PromptError for unusable prompts.
         """
         structure = self.labels[label]
         fg, bg = self._clicks(image, foreground, background)
         box = None if roi is None else parse_roi(roi, image.volume, image.view)
-        return self.predictor.segment(image, structure.extent_mm, fg, bg, box)
+        guide = None if votes is None else VoteShare.of(image.view.to_view(votes))
+        answer = None if guide is None else first_answer(guide, fg[0] if len(fg) else None, box.region if box else None)
+        if answer is None:
+            return self.predictor.segment(image, structure.extent_mm, fg, bg, box)
+        state = self.predictor.adopt(image, answer, fg[:1], box, guide)
+        return self._correct(image, state, fg[1:], bg) if len(fg) > 1 or len(bg) else state
 
     def refine(self, image: PreparedImage, state: Segmentation, foreground: object = None, background: object = None) -> Segmentation:
         """Apply corrective stored-index clicks to an earlier segmentation."""
         fg, bg = self._clicks(image, foreground, background)
-        return self.predictor.refine(image, state, fg, bg)
+        if state.votes is None:
+            return self.predictor.refine(image, state, fg, bg)
+        return self._correct(image, state, fg, bg)
+
+    def _correct(self, image: PreparedImage, state: Segmentation, foreground: np.ndarray, background: np.ndarray) -> Segmentation:
+        """Corrective view-space clicks applied along the atlases' vote (brainsam.votes),
+        kept inside the user's box."""
+        mask = state.stack(image.view.shape) > 0
+        for point, is_foreground in [(p, True) for p in foreground] + [(p, False) for p in background]:
+            correct(mask, state.votes, point, is_foreground, image.view.spacing, self.config.vote_radius_mm)
+            state.clicks.append((*map(int, point), int(is_foreground)))
+        if state.box is not None:
+            mask &= ~outside_of(state.box.region, mask.shape)
+        state.paint(mask)
+        return state
 
     def canonical_mask(self, image: PreparedImage, state: Segmentation) -> np.ndarray:
         """The segmentation as a uint8 mask in canonical (R, A, S) order."""
@@ -101,4 +127,5 @@ class Engine:
         fg = parse_points(foreground, image.volume, "foreground")
         bg = parse_points(background, image.volume, "background")
         return points_to_view(fg, image.volume, image.view), points_to_view(bg, image.volume, image.view)
+
 

@@ -4,6 +4,7 @@
         --subjects sub-06 IXI012-HH-1211 --modes box clicks box+clicks --clicks 5 \
         --adapters none runs/adapters_fs5b --atlas ../shared/data/fs-aseg/sub-01 --deepedit \
         --train-stats runs/adapters_fs5b/train_stats.json -o docs/evaluation.json
+    python -m brainsam.evaluate ../shared/data/fs-aseg --modes clicks box+clicks --clicks 5 --guide-atlases 6 -o runs/guided.json
     python -m brainsam.evaluate ../shared/data/ixi-muse --fast -o runs/fast.json
     python -m brainsam.evaluate ../shared/data/ixi-muse --server http://127.0.0.1:8000 ...
 
@@ -19,6 +20,9 @@ aseg, muse.nii.gz: MUSE/MALC) or given with --labels/--mapping. Modes, per struc
   of the same data set (brainsam.atlas), no learning and no prompt;
 - auto (with --auto): the automatic pass (brainsam.auto), that registration refined by the
   model prompted with the box of each registered structure, no click.
+With --guide-atlases, the prompt modes run as the server runs them when its datastore holds
+labelled images: other subjects of the same folder (or the built-in atlas) registered onto the
+subject guide first answers and corrections where they fit (brainsam.votes).
 Every row holds Dice and HD95 (mm; empty when the mask is empty) and what the request cost.
 Models: zero-shot (`none`) and/or adapters (a file, or a folder: its newest *.safetensors),
 in-process; or, with --server, whatever that running server serves, over REST as 3D Slicer
@@ -69,6 +73,7 @@ KNOWN_LABEL_FILES = {"aseg.nii.gz": "aseg.yaml", "muse.nii.gz": "muse.yaml"}
 MODES = ("box", "clicks", "box+clicks")
 FAST_STRUCTURES = ["Left-Putamen", "Left-Pallidum"]
 FAST_CLICKS = 3
+BUILTIN = "builtin"
 
 
 def hd95(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> float:
@@ -198,24 +203,55 @@ def evaluate_models(args: argparse.Namespace, subjects: list[Subject], structure
                 ensure_image(client, subject.name, subject.image)
             rows += run_tasks(tasks, "server", "server", args, ids, lambda subject: ServerSession(client, subject.name))
         return rows, {"server_peak_rss_gb": memory.total_peak / 2**30 if pid else None}
+    priors = AtlasPriors(args, subjects) if args.guide_atlases else None
     for adapter in args.adapters:
         path = newest_adapter(adapter)
         engine = engine_of(args, path)
-        rows += run_tasks(tasks, "zero-shot" if path is None else path.name, "engine", args, ids, PreparedImages(engine).session)
+        model = ("zero-shot" if path is None else path.name) + (f" + atlases ({args.guide_atlases})" if priors else "")
+        rows += run_tasks(tasks, model, "engine", args, ids, PreparedImages(engine, priors).session)
     return rows, {"engine_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 class PreparedImages:
     """Engine sessions on the current subject's prepared image (one image at a time: a 1 mm head
-    holds ~130 MB)."""
+    holds ~130 MB), guided by its registered atlases when `priors` are given."""
 
-    def __init__(self, engine: Engine):
-        self.engine, self.name, self.image = engine, None, None
+    def __init__(self, engine: Engine, priors: "AtlasPriors | None" = None):
+        self.engine, self.priors, self.name, self.image, self.atlas_labels = engine, priors, None, None, None
 
     def session(self, subject: Subject) -> EngineSession:
         if subject.name != self.name:
-            self.name, self.image = subject.name, self.engine.prepare(load_volume(subject.image))
-        return EngineSession(self.engine, self.image)
+            volume = load_volume(subject.image)
+            self.name, self.image = subject.name, self.engine.prepare(volume)
+            self.atlas_labels = self.priors.of(subject, volume) if self.priors else None
+        return EngineSession(self.engine, self.image, self.atlas_labels)
+
+
+class AtlasPriors:
+    """What guides the server's clicks: for each subject, up to `--guide-atlases` other subjects
+    of its own folder (leave-one-out) registered onto it, or the built-in atlas; registrations
+    cached in `--atlas-cache`."""
+
+    def __init__(self, args: argparse.Namespace, subjects: list[Subject]):
+        self.args, self.datasets = args, {}
+        for subject in subjects:
+            folder = subject.image.parent.parent
+            self.datasets.setdefault(subject.dataset, dataset_of(folder, args.image, args.labels, args.mapping))
+
+    def of(self, subject: Subject, volume) -> list[np.ndarray]:
+        """The other subjects' label maps registered onto `subject` (canonical, label-set ids),
+        those the server would not trust left out."""
+        from .atlas import load_atlas, propagate, trusted  # SimpleITK: imported only when asked for
+        from .prior import builtin_atlas
+
+        dataset, label_set = self.datasets[subject.dataset], load_label_set()
+        if self.args.guide_atlases == BUILTIN:
+            atlases = [builtin_atlas(label_set)]
+        else:
+            others = [f for f in dataset.subjects(None) if f.name != subject.name][: self.args.guide_atlases]
+            atlases = [load_atlas(f / dataset.image, f / dataset.labels, dataset.ids, label_set, name=f.name) for f in others]
+        maps = [propagate(atlas, volume, cache=self.args.atlas_cache) for atlas in atlases]
+        return [labels for labels, ok in zip(maps, trusted(atlases, volume, maps)) if ok]
 
 
 def run_tasks(tasks: list[tuple[Subject, str]], model: str, backend: str, args: argparse.Namespace, ids: dict, new_session: Callable) -> list[dict]:
@@ -296,6 +332,11 @@ def deepedit_latency(subjects: list[Subject], structures: list[str], ids: dict, 
     }  # fmt: skip
 
 
+def guide_count(value: str) -> int | str:
+    """--guide-atlases: a number of atlases, or `builtin`."""
+    return value if value == BUILTIN else int(value)
+
+
 def provenance(argv: list[str]) -> dict:
     """Git commit (and whether the tree differed from it), machine and software of a run."""
 
@@ -326,6 +367,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server", help="URL of a running brainsam server to evaluate over REST instead of in-process")
     parser.add_argument("--atlas", type=Path, nargs="+", help="labelled subject folders registered onto the subjects of their own data set (classical baseline)")
     parser.add_argument("--auto", action="store_true", help="the automatic pass: --atlas registration refined by the (first) model's box prompts")
+    parser.add_argument("--guide-atlases", type=guide_count, metavar="N|builtin", help="guide clicks by up to N other subjects of the same folder registered onto each subject, as the server does by its labelled images; builtin: by the built-in atlas, as with none labelled")
+    parser.add_argument("--atlas-cache", type=Path, default=ROOT / "runs" / "atlas_cache", help="registration results kept between runs")
     parser.add_argument("--deepedit", action="store_true", help="time MONAI Label's radiology DeepEdit on the same images and clicks")
     parser.add_argument("--train-stats", type=Path, help="a training run's train_stats.json: throughput and time to --target-dice")
     parser.add_argument("--target-dice", type=float, default=0.6, help="validation Dice the training figures time")

@@ -25,6 +25,7 @@ from .config import EngineConfig
 from .prompts import PromptError, ViewBox, prior_box
 from .propagation import SlicePrompt, SliceResult, StopRule, bounding_box, grow, propagate
 from .store import EmbeddingStore
+from .votes import VoteShare
 from .view import SliceView, Window, paste_pixels, resample, to_model_box, to_model_xy
 from .volume import Volume
 
@@ -54,6 +55,7 @@ class Segmentation:
     box: ViewBox | None = None
     limits: tuple[int, int] = (0, 0)
     seed: int = 0
+    votes: VoteShare | None = None
 
     def stack(self, shape: tuple[int, int, int]) -> np.ndarray:
         """The 3D mask as a uint8 [slice, row, col] stack of `shape`."""
@@ -61,6 +63,11 @@ class Segmentation:
         for index, result in self.slices.items():
             out[index] = result.mask
         return out
+
+    def paint(self, mask: np.ndarray) -> None:
+        """Make a boolean [slice, row, col] mask found without the model (no logits, predicted
+        IoU 1) the result."""
+        self.slices = {int(i): SliceResult(mask[i].copy(), None, 1.0) for i in np.flatnonzero(mask.any(axis=(1, 2)))}
 
 
 class Predictor:
@@ -205,6 +212,18 @@ class Predictor:
             return state
         state.slices[seed_slice] = seed
         self._walk_from(image, state, seed_slice)
+        return state
+
+    def adopt(self, image: PreparedImage, mask: np.ndarray, foreground: np.ndarray, box: ViewBox | None, votes: VoteShare | None) -> Segmentation:
+        """First answer taken from a non-empty view-space mask found without the model (the
+        atlases'), for the view-space clicks (N, 3) and box that asked for it; `votes` guide
+        its corrections (brainsam.votes)."""
+        present = np.flatnonzero(mask.any(axis=(1, 2)))
+        rows, cols = bounding_box(mask.any(axis=0))
+        seed = int(foreground[0][0]) if len(foreground) else int(present[len(present) // 2])
+        state = Segmentation(window=image.view.window_for(image.window, rows, cols), box=box, limits=(int(present[0]), int(present[-1])), seed=seed, votes=votes)
+        state.clicks = [(*map(int, p), 1) for p in foreground]
+        state.paint(mask)
         return state
 
     def refine(self, image: PreparedImage, state: Segmentation, foreground: np.ndarray, background: np.ndarray) -> Segmentation:

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from .atlas import Atlas, load_atlas, propagate
-from .labels import CONFIGS, LabelSet, load_label_set, load_mapping
+from .labels import CONFIGS, LabelSet, add_labelled_folder_arguments, load_label_set, load_mapping
 from .sample import INSTALL_HINT, MRICRON
 from .volume import load_volume
 
@@ -66,10 +66,7 @@ def measure_centres(subjects: list[Path], image_name: str, labels_name: str, map
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m brainsam.prior", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="folder of labelled subject folders")
-    parser.add_argument("--image", default="T1.nii.gz")
-    parser.add_argument("--labels", default="muse.nii.gz")
-    parser.add_argument("--mapping", default="configs/mappings/muse.yaml")
+    add_labelled_folder_arguments(parser, "muse.nii.gz", "configs/mappings/muse.yaml")
     parser.add_argument("--structures", nargs="+", default=["Left-Accumbens-area", "Right-Accumbens-area", "Left-VentralDC", "Right-VentralDC", "Brain-Stem"])
     args = parser.parse_args(argv)
     subjects = sorted(p for p in args.folder.iterdir() if (p / args.image).is_file())

@@ -33,6 +33,11 @@ class ViewBox:
         return ViewBox(*bounds)
 
     @property
+    def region(self) -> tuple[slice, slice, slice]:
+        """The box as index slices of a stack."""
+        return tuple(slice(lo, hi + 1) for lo, hi in (self.slices, self.rows, self.cols))
+
+    @property
     def centre_slice(self) -> int:
         return (self.slices[0] + self.slices[1]) // 2
 

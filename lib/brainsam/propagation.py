@@ -20,10 +20,11 @@ Range = tuple[int, int]
 
 @dataclass
 class SliceResult:
-    """A slice's prediction: boolean mask on the full slice, low-res logits, predicted IoU."""
+    """A slice's prediction: boolean mask on the full slice, low-res logits (None for a mask
+    found without the model), predicted IoU."""
 
     mask: np.ndarray
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     iou: float
 
     @property

@@ -8,7 +8,7 @@ from brainsam.config import load_config
 from brainsam.labels import CONFIGS, DEFAULT_LABEL_SET, load_label_set
 from lib.activelearning import MostUncertain
 from lib.infers import BrainSamInfer
-from lib.infers.atlases import AtlasPool
+from lib.infers.atlases import AtlasPool, AtlasVotes
 from lib.infers.auto import BrainSamAuto
 from lib.scoring import PrecomputeEmbeddings
 from lib.scoring.uncertainty import UncertaintyScoring
@@ -44,6 +44,9 @@ class BrainSam(TaskConfig):
         like the engine config, else litemedsam's (always applied to the served backbone).
     auto_refine: whether the automatic model (brainsam_auto) refines the atlases' answer with
         SAM by default; default false (measured: see README, "Automatic first pass").
+    guide_atlases: whether the interactive model starts from the atlases registered already
+        (by uncertainty scoring or brainsam_auto) where they hold the first click, and corrects
+        along their vote (brainsam.votes); default true (measured: README, "Atlas-guided clicks").
     auto_atlases: most labelled images registered per image by the automatic model; default 5.
     atlas_cache: folder keeping each registration's labels; default <app>/model/atlas_cache.
     uncertainty_budget_s: seconds one uncertainty scoring run may start new images for; 300.
@@ -70,13 +73,16 @@ class BrainSam(TaskConfig):
         watched = self.path is not None and self.path.suffix != ".safetensors"
         self.adapter_folder = self.path if watched else Path(model_dir) / name
         self.auto_refine = conf.get("auto_refine", "false").lower() == "true"
+        self.guide_atlases = conf.get("guide_atlases", "true").lower() == "true"
         self.atlas_pool = AtlasPool(self.label_set, int(conf.get("auto_atlases", 5)))
         self.atlas_cache = Path(conf.get("atlas_cache", os.path.join(model_dir, "atlas_cache")))
         self.uncertainty_budget_s = float(conf.get("uncertainty_budget_s", 300))
         self.strategy_hold_s = float(conf.get("strategy_hold_s", 1800))
 
-    def infer(self) -> BrainSamInfer:
-        return BrainSamInfer(self.engine_config, self.label_set, self.path)
+    def infer(self, datastore: Datastore) -> BrainSamInfer:
+        """The interactive model, guided by the atlases registered already unless guide_atlases is false."""
+        votes = AtlasVotes(datastore, self.atlas_pool, self.atlas_cache) if self.guide_atlases else None
+        return BrainSamInfer(self.engine_config, self.label_set, self.path, votes)
 
     def auto_infer(self, datastore: Datastore) -> BrainSamAuto:
         """The automatic model: the datastore's labelled images as atlases, refined by SAM."""

@@ -3,6 +3,8 @@
 Every image with a final label is an atlas (its labels read as the train task reads them:
 through Slicer's segment names, else the label set's ids). Without any, the built-in Colin27
 atlas (brainsam.prior) stands in. Atlases stay in memory while their files are unchanged.
+`AtlasVotes` hands the interactive model the registrations made already (by uncertainty
+scoring or the automatic model), never registering on a click.
 """
 
 import hashlib
@@ -11,10 +13,13 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-from brainsam.atlas import Atlas, load_atlas
+import numpy as np
+
+from brainsam.atlas import Atlas, RegistrationSettings, cached, load_atlas, trusted
 from brainsam.labels import LabelSet
 from brainsam.prior import builtin_atlas
 from brainsam.trainset import Subject
+from brainsam.volume import Volume
 from lib.infers.interaction import Lru
 from lib.trainers.brainsam import labelled_subjects
 
@@ -23,6 +28,8 @@ from monailabel.interfaces.datastore import Datastore
 logger = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
+IMAGES_KEPT = 3
+"""Images whose atlas label maps stay in memory (5 maps of a 1 mm head: 80 MB)."""
 
 
 def fingerprint(*paths: Path) -> str:
@@ -72,3 +79,44 @@ class AtlasPool:
             self._loaded.put(key, atlas)
             logger.info("atlas %s loaded", atlas.name)
         return atlas
+
+
+class AtlasVotes:
+    """The atlases' label maps on an image, as far as they were registered already.
+
+    datastore, pool: where atlases come from (as for the automatic model). cache: the
+    registration cache the scoring and the automatic model fill.
+    """
+
+    def __init__(self, datastore: Datastore, pool: AtlasPool, cache: Path):
+        self.datastore, self.pool, self.cache = datastore, pool, cache
+        self._found: Lru[List[np.ndarray]] = Lru(IMAGES_KEPT)
+
+    def on(self, path: str, volume: Volume) -> List[np.ndarray]:
+        """Canonical label maps (label-set ids) of the current atlases (not the image itself)
+        registered onto `volume`, cached, and fitting it (`brainsam.atlas.trusted`: a failed
+        registration must not answer a click); empty when none is."""
+        subjects = self.pool.subjects(self.datastore, exclude=image_id(path))
+        try:
+            atlases = self.pool.atlases(subjects)
+        except FileNotFoundError:  # no labelled image and no built-in atlas: the model answers alone
+            return []
+        key = (volume.content_hash, self.pool.signature(subjects))
+        maps = self._found.get(key)
+        if maps is None:
+            found = [(atlas, cached(atlas, volume, RegistrationSettings(), self.cache)) for atlas in atlases]
+            found = [(atlas, labels) for atlas, labels in found if labels is not None]
+            usable = trusted([atlas for atlas, _ in found], volume, [labels for _, labels in found])
+            maps = [labels for (_, labels), ok in zip(found, usable) if ok]
+            if len(found) == len(atlases):  # complete: later registrations cannot change it
+                self._found.put(key, maps)
+        return maps
+
+
+def image_id(path: str) -> str:
+    """The datastore id of an image file (its name without the NIfTI extension)."""
+    name = Path(path).name
+    for extension in (".nii.gz", ".nii", ".nrrd"):
+        if name.endswith(extension):
+            return name[: -len(extension)]
+    return Path(name).stem

@@ -26,7 +26,7 @@ from brainsam.config import EngineConfig
 from brainsam.labels import LabelSet
 from brainsam.volume import VolumeError, load_volume
 from lib.infers.adapters import AdapterWatcher
-from lib.infers.atlases import AtlasPool
+from lib.infers.atlases import AtlasPool, image_id
 from lib.infers.brainsam import read_dtype, read_extension, read_flag
 from lib.infers.labelled import LabelSetInfer
 from lib.infers.results import write_mask
@@ -96,11 +96,3 @@ class BrainSamAuto(LabelSetInfer):
             "latencies": {"total": round(seconds, 3), **{k: round(v, 3) for k, v in result.seconds.items()}},
         }
 
-
-def image_id(path: str) -> str:
-    """The datastore id of an image file (its name without the NIfTI extension)."""
-    name = Path(path).name
-    for extension in (".nii.gz", ".nii", ".nrrd"):
-        if name.endswith(extension):
-            return name[: -len(extension)]
-    return Path(name).stem

@@ -27,7 +27,9 @@ from brainsam.labels import LabelSet
 from brainsam.predictor import PreparedImage
 from brainsam.prompts import PromptError, parse_points, parse_roi
 from brainsam.volume import VolumeError, load_volume
+from brainsam.votes import share_of
 from lib.infers.adapters import AdapterWatcher
+from lib.infers.atlases import AtlasVotes
 from lib.infers.interaction import REFINE, SEGMENT, Interaction, Lru, Prompts, plan
 from lib.infers.labelled import LabelSetInfer
 from lib.infers.results import EXTENSIONS, write_mask
@@ -59,10 +61,11 @@ class BrainSamInfer(LabelSetInfer):
     """Interactive 3D segmentation of the structures of one label set (MONAI Label type deepgrow).
 
     config, labels: the engine's settings and label set. adapters: an adapter file or folder
-    (see AdapterWatcher), or None for the base model.
+    (see AdapterWatcher), or None for the base model. atlases: registered atlases that guide
+    first answers and their corrections where they hold the click (`Engine.segment`), or None.
     """
 
-    def __init__(self, config: EngineConfig, labels: LabelSet, adapters: Optional[Path]):
+    def __init__(self, config: EngineConfig, labels: LabelSet, adapters: Optional[Path], atlases: Optional[AtlasVotes] = None):
         super().__init__(
             type=InferType.DEEPGROW,
             labels={structure.name: structure.id for structure in labels.structures},
@@ -71,6 +74,7 @@ class BrainSamInfer(LabelSetInfer):
         )
         self.label_set = labels
         self.watcher = AdapterWatcher(config, labels, adapters)
+        self.atlases = atlases
         self.images: Lru[PreparedImage] = Lru(IMAGES_KEPT)
         self.interactions: Lru[Interaction] = Lru(INTERACTIONS_KEPT)
         self._lock = threading.Lock()  # one request at a time even with MONAI_LABEL_INFER_CONCURRENCY
@@ -93,6 +97,7 @@ class BrainSamInfer(LabelSetInfer):
         return path, {
             "label_names": {options.label: 1},
             "interaction": action,
+            "guide": "atlases" if interaction.state.votes is not None else "model",
             "adapter": self.watcher.serving.name if self.watcher.serving else None,
             "latencies": {"total": round(seconds, 3)},
             "encoded_slices": encoded,
@@ -121,7 +126,7 @@ class BrainSamInfer(LabelSetInfer):
         action, foreground, background = plan(previous, prompts)
         try:
             if action == SEGMENT:
-                state = engine.segment(image, prompts.label, foreground, background, prompts.roi)
+                state = engine.segment(image, prompts.label, foreground, background, prompts.roi, self._votes(key[0], image, prompts.label))
             elif action == REFINE:
                 state = engine.refine(image, previous.state, foreground, background)
             else:
@@ -131,6 +136,11 @@ class BrainSamInfer(LabelSetInfer):
         interaction = Interaction(prompts, state)
         self.interactions.put(key, interaction)
         return action, interaction
+
+    def _votes(self, path: str, image: PreparedImage, label: str) -> Optional[np.ndarray]:
+        """Share of the registered atlases voting for `label` per voxel, or None without any."""
+        found = self.atlases.on(path, image.volume) if self.atlases is not None else []
+        return share_of(found, self.label_set[label].id) if found else None
 
 
 def read_options(request: Dict[str, Any], labels: LabelSet) -> Options:
