@@ -67,9 +67,10 @@ class BrainSamApp(MONAILabelApp):
         return {self.task.name: self.task.trainer()}
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        """MONAI Label runs them in this order: registrations (which also guide clicks) first."""
         method = self.task.scoring_method()
         precompute = {"precompute_embeddings": method} if method else {}
-        return {**precompute, "uncertainty": self.task.uncertainty_scoring()}
+        return {"uncertainty": self.task.uncertainty_scoring(), **precompute}
 
     def init_strategies(self) -> Dict[str, Strategy]:
         return {**super().init_strategies(), "most_uncertain": self.task.strategy()}

@@ -2,8 +2,10 @@
 
 MONAI Label runs scoring methods in a Python process of their own at start-up, after every
 /activelearning request and after every training run, never on the request path: the place to
-encode, for each datastore image, the slices where deep brain structures lie, so that a first
-click finds them in the embedding store. Each run is incremental: an image whose slices are
+encode, for each datastore image without a final label (what *Next Sample* hands out), the
+slices where deep brain structures lie, so that a first click finds them in the embedding store.
+Labelled images are left out: with many of them the work would never reach the new ones, and a
+click on one encodes what it needs, as without precomputation. Each run is incremental: an image whose slices are
 stored for the encoder now served is skipped without being read, and after a new adapter is
 published the next run (which follows training) encodes for it. The work runs on one thread
 at lower priority, so clicks on the same CPU stay responsive; a bad image is logged and skipped.
@@ -14,7 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -35,8 +37,9 @@ TASK_MODULE = "monailabel.interfaces.utils.app"  # what MONAI Label runs scoring
 
 
 class PrecomputeEmbeddings(ScoringMethod):
-    """Encodes the central slices (engine setting `precompute_mm`) of every datastore image into
-    the embedding store, for the encoder (backbone + newest usable adapter) the server serves."""
+    """Encodes the central slices (engine setting `precompute_mm`) of every unlabelled datastore
+    image into the embedding store, for the encoder (backbone + newest usable adapter) the
+    server serves."""
 
     def __init__(self, config: EngineConfig, labels: LabelSet, adapters: Optional[Path]):
         super().__init__("Encodes each image's central slices ahead of time, so a first click skips the image encoder")
@@ -47,7 +50,7 @@ class PrecomputeEmbeddings(ScoringMethod):
         were encoded and how many images failed."""
         lower_priority()
         engine = self.watcher.engine()
-        images = images_in_order(datastore)
+        images = sorted(datastore.get_unlabeled_images())
         logger.info("precompute: %d images for encoder %s", len(images), engine.predictor.identity)
         summary = {"images": len(images), "encoded": 0, "failed": 0}
         began = time.perf_counter()
@@ -78,8 +81,3 @@ def lower_priority() -> None:
     torch.set_num_threads(THREADS)
     os.nice(NICENESS)
 
-
-def images_in_order(datastore: Datastore) -> List[str]:
-    """Image ids, unlabelled ones first: annotators are sent those next."""
-    unlabeled = datastore.get_unlabeled_images()
-    return unlabeled + sorted(set(datastore.list_images()) - set(unlabeled))
