@@ -35,14 +35,13 @@ import psutil
 
 from brainsam.atlas import relabel
 from brainsam.labels import load_label_set, load_mapping
-from brainsam.remote import PeakMemory
+from brainsam.remote import MODEL, PeakMemory, read_mask
 from tests.test_server import (
     ROOT,
     Server,
     Subject,
     correction,
     deepest,
-    infer,
     load_subject,
     running_server,
     wait_for_scoring,
@@ -55,7 +54,8 @@ PRECOMPUTE_TIMEOUT_S = 3600
 
 @dataclass
 class Click:
-    """One request as the benchmark saw it: first or corrective, seconds at the client, CPU
+    """One request as the benchmark saw it: first or corrective, seconds at the client (until
+    the mask file is on its disk, as 3D Slicer then loads it), CPU
     seconds the server process spent on it, slices the server encoded for it, and what
     answered (atlases or model)."""
 
@@ -74,8 +74,9 @@ def click_session(server: Server, subject: Subject, structure: str, corrections:
     prompts = {"label": structure, "foreground": [deepest(truth)], "background": [], "reset_state": True}
     for number in range(corrections + 1):
         cpu, began = sum(process.cpu_times()[:2]), time.perf_counter()
-        mask, result = infer(client, subject, prompts)
+        path, result = client.infer(MODEL, subject.image_id, prompts)
         seconds, cpu = time.perf_counter() - began, sum(process.cpu_times()[:2]) - cpu
+        mask = read_mask(path)[0] > 0
         yield Click("first" if number == 0 else "corrective", seconds, cpu, result["encoded_slices"], result["guide"])
         kind, click = correction(mask, truth)
         prompts = {**prompts, kind: prompts[kind] + [click], "reset_state": False}

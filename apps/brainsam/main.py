@@ -6,6 +6,7 @@ Settings (--conf) are listed in lib/configs/brainsam.py.
 """
 
 import os
+import threading
 from importlib.metadata import version
 from typing import Any, Dict, Optional
 
@@ -49,9 +50,11 @@ class BrainSamApp(MONAILabelApp):
         return StudiesDatastore(self.studies)
 
     def on_init_complete(self) -> None:
+        """Server only: 4xx for bad requests, and the network and atlases loaded before the first click."""
         from monailabel.app import app  # the server's FastAPI app; only the server calls this
 
         install_error_handlers(app)
+        threading.Thread(target=self._infers[self.task.name].warm_up, name="warm-up", daemon=True).start()
         super().on_init_complete()
 
     def infer(self, request: Dict[str, Any], datastore: Optional[Datastore] = None) -> Dict[str, Any]:

@@ -103,6 +103,19 @@ class BrainSamInfer(LabelSetInfer):
             "encoded_slices": encoded,
         }
 
+    def warm_up(self) -> None:
+        """Load the network and the atlases ahead of the first click (the server runs this in a
+        thread at start-up; a click arriving meanwhile waits for it rather than loading twice)."""
+        began = time.perf_counter()
+        try:
+            with self._lock:
+                self.watcher.engine()
+                atlases = self.atlases.load() if self.atlases is not None else 0
+        except Exception:  # the first click will meet and report the same problem
+            logger.exception("warm-up failed")
+            return
+        logger.info("warm-up: network and %d atlases loaded in %.1f s", atlases, time.perf_counter() - began)
+
     def _image(self, path: Optional[str], engine: Engine) -> tuple[ImageKey, PreparedImage]:
         """The prepared image at `path` (from the LRU when the file is unchanged); 404 if absent,
         422 if it cannot be read as a 3D image."""
