@@ -3,8 +3,11 @@
 A request (POST /infer/brainsam?image=<id>, params as 3D Slicer sends them) carries `label`,
 `foreground` and `background` clicks (stored voxel indices), optionally `roi`, `reset_state`,
 `result_extension`, `result_dtype` and `client_id`. The first prompt segments the structure in
-3D; later clicks refine it. Each (client_id, image) keeps the state of its current structure,
-so annotators never see each other's work (requests without client_id share one state).
+3D; later clicks refine it. Where labelled images registered onto the image already vote for
+the structure under the first click, their vote answers and guides the corrections
+(brainsam.votes); elsewhere the SAM engine does. The result says which (`guide`). Each
+(client_id, image) keeps the state of its current structure, so annotators never see each
+other's work (requests without client_id share one state).
 
 Requests run one at a time on the server's event loop, so the image and the prompts are
 checked before any slow work, and a bad request answers 4xx with what to fix.
