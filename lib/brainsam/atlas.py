@@ -43,10 +43,12 @@ it keeps out what clearly failed, not every poor registration."""
 class RegistrationSettings:
     """How an atlas is registered to a target.
 
-    spacing_mm: isotropic resolution both images are resampled to before registering.
-    affine_iterations: gradient steps per level of the affine (levels: 4x, 2x, 1x shrink).
+    spacing_mm: isotropic resolution of the whole-head affine.
+    affine_iterations: gradient steps per level of each affine.
     sampling: fraction of voxels the mutual information is estimated from.
-    demons_iterations: iterations of the deformable step; 0 keeps the affine only.
+    local_spacing_mm: isotropic resolution of the deep-brain stage, on the box round the atlas's
+    labels grown by `local_margin_mm`.
+    demons_iterations: iterations of that stage's deformable step; 0 keeps its affine only.
     demons_sigma_mm: smoothing of the demons displacement field.
     threads: ITK threads (the project's CPU target has 2 cores).
     """
@@ -54,8 +56,10 @@ class RegistrationSettings:
     spacing_mm: float = 3.0
     affine_iterations: int = 100
     sampling: float = 0.1
-    demons_iterations: int = 40
-    demons_sigma_mm: float = 4.0
+    local_spacing_mm: float = 1.5
+    local_margin_mm: float = 15.0
+    demons_iterations: int = 50
+    demons_sigma_mm: float = 2.0
     threads: int = 2
 
     def key(self) -> str:
@@ -131,18 +135,60 @@ def downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     return sitk.Resample(smoothed, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (spacing_mm,) * 3, image.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
-def register(atlas: Volume, target: Volume, settings: RegistrationSettings = RegistrationSettings()) -> sitk.Transform:
-    """The transform taking target points (canonical mm, origin at voxel 0) to atlas points."""
+def register(atlas: Atlas, target: Volume, settings: RegistrationSettings = RegistrationSettings()) -> sitk.Transform:
+    """The transform taking target points (canonical mm, origin at voxel 0) to atlas points:
+    an affine of the whole heads at `spacing_mm`, refined on the deep brain (the box round the
+    atlas's labels) by an affine and demons at `local_spacing_mm`. Fitting the deep brain alone
+    measured mean Dice 0.851 against 0.780 for whole-head demons at 3 mm (fs-aseg sub-06, 6 atlases)."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)
-    fixed = downsample(to_sitk(target.data, target.spacing), settings.spacing_mm)
-    moving = downsample(to_sitk(atlas.data, atlas.spacing), settings.spacing_mm)
-    affine = register_affine(fixed, moving, settings)
+    fixed, moving = to_sitk(target.data, target.spacing), to_sitk(atlas.volume.data, atlas.volume.spacing)
+    head = register_affine(downsample(fixed, settings.spacing_mm), downsample(moving, settings.spacing_mm), settings)
+    region = deep_region(atlas, target, head, settings)
+    fixed_region = resample_region(fixed, region)
+    moving_smooth = smooth_to(moving, settings.local_spacing_mm)
+    affine = refine_affine(fixed_region, moving_smooth, as_affine(head), settings)
     if settings.demons_iterations <= 0:
         return affine
-    warped = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0)
-    field = demons(fixed, warped, settings)
+    field = demons(fixed_region, sitk.Resample(moving_smooth, fixed_region, affine, sitk.sitkLinear, 0.0), settings)
     # ITK composites apply the last transform first: displacement in target space, then affine
     return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field)])
+
+
+def deep_region(atlas: Atlas, target: Volume, head: sitk.Transform, settings: RegistrationSettings) -> sitk.Image:
+    """An empty image on the target's part holding the atlas's labels (their box grown by
+    `local_margin_mm`, carried over by the inverse of `head`), at `local_spacing_mm`."""
+    index = np.argwhere(atlas.labels > 0)
+    spacing = np.asarray(atlas.volume.spacing)
+    low, high = index.min(axis=0) * spacing - settings.local_margin_mm, index.max(axis=0) * spacing + settings.local_margin_mm
+    corners = [(x, y, z) for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])]
+    inverse = head.GetInverse()
+    mapped = np.array([inverse.TransformPoint(tuple(float(v) for v in corner)) for corner in corners])
+    extent = (np.asarray(target.data.shape) - 1) * np.asarray(target.spacing)
+    start, stop = np.clip(mapped.min(axis=0), 0, extent), np.clip(mapped.max(axis=0), 0, extent)
+    size = [max(int(np.ceil((b - a) / settings.local_spacing_mm)) + 1, 2) for a, b in zip(start, stop)]
+    region = sitk.Image(size, sitk.sitkFloat32)
+    region.SetSpacing((settings.local_spacing_mm,) * 3)
+    region.SetOrigin(tuple(float(v) for v in start))
+    return region
+
+
+def smooth_to(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """`image` smoothed against aliasing before it is sampled at `spacing_mm`."""
+    sigma = [max((spacing_mm - s) / 2.0, 0.01) for s in image.GetSpacing()]
+    return sitk.Cast(sitk.SmoothingRecursiveGaussian(image, sigma), sitk.sitkFloat32)
+
+
+def resample_region(image: sitk.Image, region: sitk.Image) -> sitk.Image:
+    """`image` smoothed and resampled onto the grid of `region`."""
+    return sitk.Resample(smooth_to(image, region.GetSpacing()[0]), region, sitk.Transform(), sitk.sitkLinear, 0.0)
+
+
+def as_affine(transform: sitk.Transform) -> sitk.AffineTransform:
+    """The affine a registration returned (wrapped in a composite by SimpleITK) as such."""
+    flat = transform.Downcast()
+    if isinstance(flat, sitk.CompositeTransform):
+        flat = flat.GetNthTransform(0).Downcast()
+    return sitk.AffineTransform(flat)
 
 
 HEAD_DEPTH_MM = 120.0
@@ -167,6 +213,17 @@ def register_affine(fixed: sitk.Image, moving: sitk.Image, settings: Registratio
     centre = head_centre(fixed)
     initial.SetCenter(centre.tolist())
     initial.SetTranslation((head_centre(moving) - centre).tolist())
+    return affine_by_mutual_information(fixed, moving, initial, settings, shrink=[4, 2, 1])
+
+
+def refine_affine(fixed: sitk.Image, moving: sitk.Image, initial: sitk.AffineTransform, settings: RegistrationSettings) -> sitk.Transform:
+    """`initial` refined on the grid of `fixed` (a region), two resolution levels."""
+    return affine_by_mutual_information(fixed, moving, initial, settings, shrink=[2, 1])
+
+
+def affine_by_mutual_information(fixed: sitk.Image, moving: sitk.Image, initial: sitk.AffineTransform, settings: RegistrationSettings, shrink: list[int]) -> sitk.Transform:
+    """The affine from `initial` maximising Mattes mutual information, one level per `shrink`
+    factor (smoothed by half as many voxels)."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
@@ -174,8 +231,8 @@ def register_affine(fixed: sitk.Image, moving: sitk.Image, settings: Registratio
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=settings.affine_iterations, relaxationFactor=0.6)
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([4, 2, 1])
-    method.SetSmoothingSigmasPerLevel([2, 1, 0])
+    method.SetShrinkFactorsPerLevel(shrink)
+    method.SetSmoothingSigmasPerLevel([factor // 2 for factor in shrink])
     method.SetInitialTransform(initial, inPlace=False)
     return method.Execute(fixed, moving)
 
@@ -187,7 +244,7 @@ def demons(fixed: sitk.Image, warped: sitk.Image, settings: RegistrationSettings
     step = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     step.SetNumberOfIterations(settings.demons_iterations)
     step.SetSmoothDisplacementField(True)
-    step.SetStandardDeviations(settings.demons_sigma_mm / settings.spacing_mm)
+    step.SetStandardDeviations(settings.demons_sigma_mm / fixed.GetSpacing()[0])
     return sitk.Cast(step.Execute(fixed, matched), sitk.sitkVectorFloat64)
 
 
@@ -206,7 +263,7 @@ def propagate(atlas: Atlas, target: Volume, settings: RegistrationSettings = Reg
     if found is not None:
         return found
     began = time.perf_counter()
-    labels = warp_labels(atlas, target, register(atlas.volume, target, settings))
+    labels = warp_labels(atlas, target, register(atlas, target, settings))
     logger.info("atlas %s registered in %.1f s", atlas.name, time.perf_counter() - began)
     if cache is not None:
         path = cache_path(atlas, target, settings, cache)
