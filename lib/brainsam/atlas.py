@@ -86,6 +86,11 @@ class Atlas:
         """Mean intensity within each label value 1..255 (`label_means`)."""
         return label_means(self.volume.data, self.labels)
 
+    def prepared(self) -> "Atlas":
+        """The atlas with its digest and means computed now (off the click path); itself."""
+        _ = self.key, self.means
+        return self
+
 
 @dataclass
 class AtlasResult:
@@ -324,9 +329,10 @@ def label_means(data: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return sums / counts
 
 
-def trusted(atlases: list[Atlas], target: Volume, propagated: list[np.ndarray]) -> list[bool]:
-    """Per atlas, whether its labels on `target` reach MIN_AGREEMENT (see `agreement`)."""
-    return [agreement(atlas, target, labels) >= MIN_AGREEMENT for atlas, labels in zip(atlases, propagated)]
+def trusted(atlases: list[Atlas], target: Volume, propagated: list[np.ndarray]) -> list[np.ndarray]:
+    """Those of the atlases' label maps on `target` (`propagated`, in atlas order) that reach
+    MIN_AGREEMENT (see `agreement`)."""
+    return [labels for atlas, labels in zip(atlases, propagated) if agreement(atlas, target, labels) >= MIN_AGREEMENT]
 
 
 def segment(atlases: list[Atlas], target: Volume, settings: RegistrationSettings = RegistrationSettings(), cache: Path | None = None) -> AtlasResult:
@@ -335,7 +341,7 @@ def segment(atlases: list[Atlas], target: Volume, settings: RegistrationSettings
     if not atlases:
         raise ValueError("atlas segmentation needs at least one atlas")
     propagated = [propagate(atlas, target, settings, cache) for atlas in atlases]
-    kept = [labels for labels, ok in zip(propagated, trusted(atlases, target, propagated)) if ok]
+    kept = trusted(atlases, target, propagated)
     if not kept:
         logger.warning("no atlas registered onto the image with matching intensities: keeping all %d", len(propagated))
         kept = propagated

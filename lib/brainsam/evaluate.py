@@ -251,7 +251,7 @@ class AtlasPriors:
             others = [f for f in dataset.subjects(None) if f.name != subject.name][: self.args.guide_atlases]
             atlases = [load_atlas(f / dataset.image, f / dataset.labels, dataset.ids, label_set, name=f.name) for f in others]
         maps = [propagate(atlas, volume, cache=self.args.atlas_cache) for atlas in atlases]
-        return [labels for labels, ok in zip(maps, trusted(atlases, volume, maps)) if ok]
+        return trusted(atlases, volume, maps)
 
 
 def run_tasks(tasks: list[tuple[Subject, str]], model: str, backend: str, args: argparse.Namespace, ids: dict, new_session: Callable) -> list[dict]:

@@ -78,8 +78,7 @@ class AtlasPool:
         with self._lock:
             atlas = self._loaded.get(key)
         if atlas is None:
-            atlas = load()
-            atlas.key, atlas.means  # computed once here rather than on a click
+            atlas = load().prepared()
             with self._lock:
                 self._loaded.put(key, atlas)
             logger.info("atlas %s loaded", atlas.name)
@@ -118,8 +117,7 @@ class AtlasVotes:
         if maps is None:
             found = [(atlas, cached(atlas, volume, RegistrationSettings(), self.cache)) for atlas in atlases]
             found = [(atlas, labels) for atlas, labels in found if labels is not None]
-            usable = trusted([atlas for atlas, _ in found], volume, [labels for _, labels in found])
-            maps = [labels for (_, labels), ok in zip(found, usable) if ok]
+            maps = trusted([atlas for atlas, _ in found], volume, [labels for _, labels in found])
             if len(found) == len(atlases):  # complete: later registrations cannot change it
                 self._found.put(key, maps)
         return maps
