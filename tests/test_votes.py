@@ -9,7 +9,8 @@ import pytest
 from brainsam.atlas import MIN_AGREEMENT, Atlas, agreement
 from brainsam.propagation import dice
 from brainsam.volume import from_array
-from brainsam.votes import VoteShare, correct, first_answer, share_of
+from brainsam.fusion import share_of
+from brainsam.votes import VoteShare, correct, first_answer
 
 SHAPE = (40, 40, 40)
 SPACING = (1.0, 1.0, 1.0)
@@ -72,6 +73,19 @@ def test_foreground_click_where_no_atlas_voted_adds_a_band_round_the_answer(vote
     assert mask[tuple(click)] and len(added) > 1
     assert np.all(np.linalg.norm(added - click, axis=1) <= 3.0)
     assert np.all(np.linalg.norm(added - 20, axis=1) <= 5 + 2 * np.sqrt(3))  # within the band round the answer
+
+
+def test_a_correction_never_undoes_an_earlier_click_of_the_other_kind(votes: VoteShare) -> None:
+    """A foreground click adds part of the lobe one atlas of three voted for; a background click
+    two voxels away removes the weak vote round it, but not the voxel clicked before."""
+    mask = first_answer(votes, np.array([20, 20, 20]))
+    added, removed = np.array([27, 20, 20]), np.array([25, 20, 20])
+    correct(mask, votes, added, True, SPACING, radius_mm=4.0)
+    unguarded = mask.copy()
+    correct(unguarded, votes, removed, False, SPACING, radius_mm=4.0)
+    assert not unguarded[tuple(added)]  # without `keep` the later click would undo the earlier
+    correct(mask, votes, removed, False, SPACING, radius_mm=4.0, keep=added[None])
+    assert mask[tuple(added)] and not mask[tuple(removed)]
 
 
 def test_background_click_removes_the_weaker_vote_near_it_and_keeps_the_core() -> None:

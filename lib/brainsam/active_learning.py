@@ -24,14 +24,18 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from .atlas import Atlas, fuse, load_atlas, propagate
+from .atlas import Atlas, load_atlas, propagate
 from .auto import disagreement, refine, vote
 from .config import load_config
 from .engine import Engine
+from .fusion import fuse_with_intensity, grown_box
 from .labels import LabelSet, add_labelled_folder_arguments, load_label_set, load_mapping
 from .propagation import dice
 
 logger = logging.getLogger(__name__)
+
+BOX_MARGIN = 8
+"""Voxels kept round the labels when scoring: fusion learns background intensities there."""
 
 
 class Pairs:
@@ -50,20 +54,14 @@ class Pairs:
         """(Dice per structure, uncertainty per structure) of `target` labelled by `sources`."""
         key = (target, frozenset(sources))
         if key not in self._assessed:
-            truth = self.atlases[target].labels
+            truth, volume = self.atlases[target].labels, self.atlases[target].volume
             propagated = self.onto(target, sorted(sources))
-            box = labelled_box([truth, *propagated])  # everything outside is background in all maps
+            box = grown_box(np.any(np.stack([truth, *propagated]) > 0, axis=0), BOX_MARGIN)  # outside: background in all maps
             propagated, truth = [p[box] for p in propagated], truth[box]
-            fused = fuse(propagated)
+            fused = fuse_with_intensity(propagated, volume.data[box], volume.spacing)
             scores = {s.name: dice(fused == s.id, truth == s.id) for s in labels.structures if (truth == s.id).any()}
             self._assessed[key] = scores, disagreement(propagated, {}, fused, labels)
         return self._assessed[key]
-
-
-def labelled_box(maps: list[np.ndarray]) -> tuple[slice, ...]:
-    """The smallest box holding every non-zero voxel of all `maps`."""
-    index = np.argwhere(np.any(np.stack(maps) > 0, axis=0))
-    return tuple(slice(lo, hi + 1) for lo, hi in zip(index.min(axis=0), index.max(axis=0)))
 
 
 def leave_one_out(pairs: Pairs, labels: LabelSet) -> list[dict]:
@@ -103,8 +101,8 @@ def with_sam(pairs: Pairs, labels: LabelSet, engine: Engine, targets: list[str])
     rows = []
     names = sorted(pairs.atlases)
     for target in targets:
-        propagated = pairs.onto(target, [n for n in names if n != target])
-        fused, truth = fuse(propagated), pairs.atlases[target].labels
+        propagated, volume = pairs.onto(target, [n for n in names if n != target]), pairs.atlases[target].volume
+        fused, truth = fuse_with_intensity(propagated, volume.data, volume.spacing), pairs.atlases[target].labels
         sam = refine(engine, pairs.atlases[target].volume, fused, labels)
         voted = vote(propagated, fused, sam, labels, 1.0)
         for s in labels.structures:

@@ -6,7 +6,8 @@ An atlas is an image with its label map in the label set's ids. It is registered
 target at low resolution (`RegistrationSettings.spacing_mm`): an affine by Mattes mutual
 information, then a symmetric-forces demons step on histogram-matched intensities. Its labels
 are resampled onto the target's canonical grid by nearest neighbour. Several atlases are fused
-by a majority vote per voxel; how much they disagree says how sure the fusion is.
+by their vote per voxel, weighed by the target's intensities where they disagree
+(brainsam.fusion); how much they disagree says how sure the fusion is.
 
 Everything works in the canonical (R, A, S) voxel order of `brainsam.volume.Volume` with the
 origin at voxel 0, so results map back to the stored grid with `Volume.to_stored`.
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .fusion import fuse_with_intensity
 from .labels import LabelSet, load_label_set, load_mapping
 from .trainset import read_labels
 from .volume import Volume, load_volume, save_mask
@@ -96,7 +98,7 @@ class Atlas:
 class AtlasResult:
     """Labels of a target from one or more atlases, canonical order, label-set ids.
 
-    fused: the majority vote. propagated: each atlas's labels on the target, in atlas order.
+    fused: their fusion (brainsam.fusion.fuse_with_intensity). propagated: each atlas's labels on the target, in atlas order.
     """
 
     fused: np.ndarray
@@ -290,24 +292,6 @@ def cached(atlas: Atlas, target: Volume, settings: RegistrationSettings, cache: 
     return np.load(path)["labels"] if path.is_file() else None
 
 
-def fuse(propagated: list[np.ndarray]) -> np.ndarray:
-    """Majority vote per voxel among label maps of one grid (ties: the lower id; a lone map is
-    returned as it is). Only the box holding any label is voted on."""
-    if len(propagated) == 1:
-        return propagated[0].copy()
-    stack = np.stack(propagated)
-    out = np.zeros(stack.shape[1:], dtype=np.uint8)
-    found = np.argwhere(stack.any(axis=0))
-    if not len(found):
-        return out
-    box = tuple(slice(lo, hi + 1) for lo, hi in zip(found.min(axis=0), found.max(axis=0)))
-    crop = stack[(slice(None), *box)]
-    ids = np.unique(crop)
-    votes = np.stack([(crop == value).sum(axis=0) for value in ids])
-    out[box] = ids[votes.argmax(axis=0)]
-    return out
-
-
 def agreement(atlas: Atlas, target: Volume, labels: np.ndarray) -> float:
     """How well the atlas's labels carried onto `target` fit it: the correlation, over the
     structures, of the atlas's mean intensity in each with the target's in its carried-over
@@ -345,7 +329,7 @@ def segment(atlases: list[Atlas], target: Volume, settings: RegistrationSettings
     if not kept:
         logger.warning("no atlas registered onto the image with matching intensities: keeping all %d", len(propagated))
         kept = propagated
-    return AtlasResult(fuse(kept), kept)
+    return AtlasResult(fuse_with_intensity(kept, target.data, target.spacing), kept)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

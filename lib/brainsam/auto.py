@@ -1,8 +1,9 @@
 """The automatic first pass: every structure of the label set without clicks, and how sure it is.
 
-Atlases (labelled images) are registered to the image and vote per voxel (brainsam.atlas).
-Optionally the SAM engine then refines each structure: the box round the atlases' answer
-prompts it (as a Slicer ROI would) and its mask joins the vote with weight `sam_weight`.
+Atlases (labelled images) are registered to the image and vote per voxel, the image's
+intensities settling where they disagree (brainsam.atlas, brainsam.fusion). Optionally the
+SAM engine then refines each structure: the box round the atlases' answer prompts it (as a
+Slicer ROI would) and its mask joins the vote with weight `sam_weight`.
 A structure's uncertainty is how much the voters disagree with the result: one minus the mean
 Dice of each atlas (and of SAM) with the fused mask. The image's uncertainty is the mean over
 structures.

@@ -78,10 +78,11 @@ class Engine:
     ) -> Segmentation:
         """First answer for structure `label` from stored-index clicks and/or a Slicer ROI.
 
-        votes: canonical share of registered atlases voting for the structure per voxel. Where
-        their majority holds the first foreground click (or, without clicks, meets the ROI),
-        its piece there is the first answer, later clicks correct it along the vote
-        (brainsam.votes); elsewhere the model answers.
+        votes: canonical probability per voxel of the structure by registered atlases
+        (brainsam.fusion.AtlasFusion.probability). Where its majority (above 1/2) holds the
+        first foreground click (or, without clicks, meets the ROI), its piece there is the
+        first answer, later clicks correct it along the vote (brainsam.votes); elsewhere the
+        model answers.
 
         Raises KeyError for an unknown label and PromptError for unusable prompts.
         """
@@ -107,7 +108,8 @@ class Engine:
         kept inside the user's box."""
         mask = state.stack(image.view.shape) > 0
         for point, is_foreground in [(p, True) for p in foreground] + [(p, False) for p in background]:
-            correct(mask, state.votes, point, is_foreground, image.view.spacing, self.config.vote_radius_mm)
+            other_kind = np.array([click[:3] for click in state.clicks if click[3] != is_foreground], dtype=int)
+            correct(mask, state.votes, point, is_foreground, image.view.spacing, self.config.vote_radius_mm, keep=other_kind)
             state.clicks.append((*map(int, point), int(is_foreground)))
         if state.box is not None:
             mask &= ~outside_of(state.box.region, mask.shape)

@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from .config import load_config
 from .engine import Engine
+from .fusion import AtlasFusion
 from .labels import CONFIGS, LabelSet, load_label_set, load_mapping
 from .propagation import dice
 from .remote import PeakMemory, ensure_image, server_pid
@@ -217,14 +218,14 @@ class PreparedImages:
     holds ~130 MB), guided by its registered atlases when `priors` are given."""
 
     def __init__(self, engine: Engine, priors: "AtlasPriors | None" = None):
-        self.engine, self.priors, self.name, self.image, self.atlas_labels = engine, priors, None, None, None
+        self.engine, self.priors, self.name, self.image, self.atlases = engine, priors, None, None, None
 
     def session(self, subject: Subject) -> EngineSession:
         if subject.name != self.name:
             volume = load_volume(subject.image)
             self.name, self.image = subject.name, self.engine.prepare(volume)
-            self.atlas_labels = self.priors.of(subject, volume) if self.priors else None
-        return EngineSession(self.engine, self.image, self.atlas_labels)
+            self.atlases = self.priors.of(subject, volume) if self.priors else None
+        return EngineSession(self.engine, self.image, self.atlases)
 
 
 class AtlasPriors:
@@ -238,9 +239,9 @@ class AtlasPriors:
             folder = subject.image.parent.parent
             self.datasets.setdefault(subject.dataset, dataset_of(folder, args.image, args.labels, args.mapping))
 
-    def of(self, subject: Subject, volume) -> list[np.ndarray]:
-        """The other subjects' label maps registered onto `subject` (canonical, label-set ids),
-        those the server would not trust left out."""
+    def of(self, subject: Subject, volume) -> AtlasFusion | None:
+        """The other subjects' label maps registered onto `subject` (canonical, label-set ids)
+        and fused on it, those the server would not trust left out; None when none is left."""
         from .atlas import load_atlas, propagate, trusted  # SimpleITK: imported only when asked for
         from .prior import builtin_atlas
 
@@ -250,8 +251,8 @@ class AtlasPriors:
         else:
             others = [f for f in dataset.subjects(None) if f.name != subject.name][: self.args.guide_atlases]
             atlases = [load_atlas(f / dataset.image, f / dataset.labels, dataset.ids, label_set, name=f.name) for f in others]
-        maps = [propagate(atlas, volume, cache=self.args.atlas_cache) for atlas in atlases]
-        return trusted(atlases, volume, maps)
+        maps = trusted(atlases, volume, [propagate(atlas, volume, cache=self.args.atlas_cache) for atlas in atlases])
+        return AtlasFusion(maps, volume.data, volume.spacing) if maps else None
 
 
 def run_tasks(tasks: list[tuple[Subject, str]], model: str, backend: str, args: argparse.Namespace, ids: dict, new_session: Callable) -> list[dict]:

@@ -15,9 +15,9 @@ import numpy as np
 from monailabel.client import MONAILabelClient
 
 from .engine import Engine
+from .fusion import AtlasFusion
 from .predictor import PreparedImage, Segmentation
 from .remote import MODEL, read_mask
-from .votes import share_of
 
 
 @dataclass
@@ -54,11 +54,11 @@ class Answer:
 
 class EngineSession:
     """Prompts on one structure answered by an in-process engine: the first request segments
-    (guided by `atlas_labels`, registered atlases' canonical label maps in label-set ids, when
-    given: `Engine.segment`), each later one refines with the clicks added since."""
+    (guided by `atlases`, the registered atlases' fusion on the image, when given:
+    `Engine.segment`), each later one refines with the clicks added since."""
 
-    def __init__(self, engine: Engine, image: PreparedImage, atlas_labels: list[np.ndarray] | None = None):
-        self.engine, self.image, self.atlas_labels = engine, image, atlas_labels
+    def __init__(self, engine: Engine, image: PreparedImage, atlases: AtlasFusion | None = None):
+        self.engine, self.image, self.atlases = engine, image, atlases
         self.state: Segmentation | None = None
         self.seen = (0, 0)
 
@@ -68,7 +68,7 @@ class EngineSession:
         began = time.perf_counter()
         fg, bg = prompts.foreground[self.seen[0] :], prompts.background[self.seen[1] :]
         if self.state is None:
-            votes = share_of(self.atlas_labels, self.engine.labels[prompts.label].id) if self.atlas_labels else None
+            votes = self.atlases.probability(self.engine.labels[prompts.label].id) if self.atlases is not None else None
             self.state = self.engine.segment(self.image, prompts.label, fg, bg, prompts.roi, votes)
         else:
             self.state = self.engine.refine(self.image, self.state, fg, bg)

@@ -1,17 +1,18 @@
 """The atlases' vote as a guide: first answers and corrective clicks without the model.
 
-Registered atlases (brainsam.atlas) vote per voxel; the share of them voting for a structure
-says how likely each voxel is to belong to it. Where an annotator's first click lies in the
-majority's answer, the connected piece of it holding the click is the first answer (on fs-aseg
-it beats the model's: README, "Atlas-guided clicks"). A corrective click then moves the
-answer's border near the click, in 3D, along the vote:
+Registered atlases (brainsam.atlas) vote per voxel; their share of the vote for a structure,
+weighed by the image's intensities where they disagree (brainsam.fusion.AtlasFusion.probability),
+says how likely each voxel is to belong to it: below, "share". Where an annotator's first click
+lies in the majority's answer (share above 1/2), the connected piece of it holding the click is
+the first answer (on fs-aseg it beats the model's: README, "Atlas-guided clicks"). A corrective
+click then moves the answer's border near the click, in 3D, along the vote:
 
 - foreground at a voxel of share q: the voxels outside the answer with share >= min(q, 1/2)
   (where no atlas voted: a band of BAND voxels round the answer) join it;
 - background at share q: the answer's voxels with share <= max(q, 1/2) leave it;
 
-in either case only the connected region holding the click, within `radius_mm` of it, and
-the clicked voxel always obeys.
+in either case only the connected region holding the click, within `radius_mm` of it; the
+clicked voxel always obeys, and the voxels of earlier clicks of the other kind keep their side.
 """
 
 from __future__ import annotations
@@ -65,14 +66,6 @@ class VoteShare:
         return self.region(tuple(slice(0, n) for n in self.shape)) > 0.5
 
 
-def share_of(propagated: list[np.ndarray], label_id: int) -> np.ndarray:
-    """Per voxel, the share (float32, 0..1) of atlas label maps that give it `label_id`."""
-    votes = np.zeros(propagated[0].shape, dtype=np.float32)
-    for labels in propagated:
-        votes += labels == label_id
-    return votes / len(propagated)
-
-
 def first_answer(votes: VoteShare, click: np.ndarray | None, within: tuple[slice, ...] | None = None) -> np.ndarray | None:
     """The majority's answer (whole-stack boolean mask) cut to `within` (an ROI) and, with a
     click, reduced to its connected piece holding the click; None when the click lies outside
@@ -91,9 +84,10 @@ def first_answer(votes: VoteShare, click: np.ndarray | None, within: tuple[slice
     return out
 
 
-def correct(mask: np.ndarray, votes: VoteShare, click: np.ndarray, foreground: bool, spacing: tuple[float, float, float], radius_mm: float) -> None:
+def correct(mask: np.ndarray, votes: VoteShare, click: np.ndarray, foreground: bool, spacing: tuple[float, float, float], radius_mm: float, keep: np.ndarray | None = None) -> None:
     """Apply one corrective click (stack index) to a whole-stack boolean `mask`, in place; see
-    the module docstring."""
+    the module docstring. keep: (N, 3) stack indices of earlier clicks of the other kind,
+    which this one must not undo."""
     centre = np.asarray(click, dtype=int)
     reach = np.ceil(radius_mm / np.asarray(spacing)).astype(int)
     box = tuple(slice(max(c - r, 0), min(c + r + 1, n)) for c, r, n in zip(centre, reach, mask.shape))
@@ -107,6 +101,9 @@ def correct(mask: np.ndarray, votes: VoteShare, click: np.ndarray, foreground: b
         candidates = allowed & ~local
     else:
         candidates = local & (share <= max(level, 0.5))
+    for voxel in np.asarray(keep if keep is not None else [], dtype=int).reshape(-1, 3) - [s.start for s in box]:
+        if np.all((voxel >= 0) & (voxel < local.shape)):
+            candidates[tuple(voxel)] = False
     candidates[at] = True
     pieces, _ = ndimage.label(candidates & ball, structure=CONNECTED)
     piece = pieces == pieces[at]

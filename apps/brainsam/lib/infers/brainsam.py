@@ -30,7 +30,6 @@ from brainsam.labels import LabelSet
 from brainsam.predictor import PreparedImage
 from brainsam.prompts import PromptError, parse_points, parse_roi
 from brainsam.volume import VolumeError, load_volume
-from brainsam.votes import share_of
 from lib.infers.adapters import AdapterWatcher
 from lib.infers.atlases import AtlasVotes
 from lib.infers.interaction import REFINE, SEGMENT, Interaction, Lru, Prompts, plan
@@ -154,9 +153,10 @@ class BrainSamInfer(LabelSetInfer):
         return action, interaction
 
     def _votes(self, path: str, image: PreparedImage, label: str) -> Optional[np.ndarray]:
-        """Share of the registered atlases voting for `label` per voxel, or None without any."""
-        found = self.atlases.on(path, image.volume) if self.atlases is not None else []
-        return share_of(found, self.label_set[label].id) if found else None
+        """Per voxel, how likely it is to be `label` by the registered atlases
+        (brainsam.fusion.AtlasFusion.probability), or None without any."""
+        fusion = self.atlases.on(path, image.volume) if self.atlases is not None else None
+        return fusion.probability(self.label_set[label].id) if fusion is not None else None
 
 
 def read_options(request: Dict[str, Any], labels: LabelSet) -> Options:
