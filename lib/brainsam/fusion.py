@@ -39,17 +39,27 @@ def fuse(propagated: list[np.ndarray]) -> np.ndarray:
     returned as it is). Only the box holding any label is voted on."""
     if len(propagated) == 1:
         return propagated[0].copy()
-    stack = np.stack(propagated)
-    out = np.zeros(stack.shape[1:], dtype=np.uint8)
-    found = np.argwhere(stack.any(axis=0))
-    if not len(found):
+    out = np.zeros(propagated[0].shape, dtype=np.uint8)
+    labelled = any_label(propagated)
+    if not labelled.any():
         return out
-    box = tuple(slice(lo, hi + 1) for lo, hi in zip(found.min(axis=0), found.max(axis=0)))
-    crop = stack[(slice(None), *box)]
-    ids = np.unique(crop)
-    votes = np.stack([(crop == value).sum(axis=0) for value in ids])
+    box = grown_box(labelled, 0)
+    crops = [p[box] for p in propagated]
+    ids = np.unique(np.concatenate([np.unique(c) for c in crops]))
+    votes = np.zeros((len(ids), *crops[0].shape), dtype=np.uint8)  # counts of at most 255 maps
+    for row, value in enumerate(ids):
+        for crop in crops:
+            votes[row] += crop == value
     out[box] = ids[votes.argmax(axis=0)]
     return out
+
+
+def any_label(propagated: list[np.ndarray]) -> np.ndarray:
+    """Boolean map of the voxels any of the label maps labels."""
+    labelled = propagated[0] > 0
+    for labels in propagated[1:]:
+        labelled |= labels > 0
+    return labelled
 
 
 @dataclass
@@ -73,7 +83,7 @@ def dispute(propagated: list[np.ndarray], image: np.ndarray, spacing: tuple[floa
     if len(propagated) == 1 or not any(p.any() for p in propagated):
         return None
     band = max(1, round(BACKGROUND_BAND_MM / min(spacing)))
-    box = grown_box(np.any(np.stack(propagated) > 0, axis=0), band)
+    box = grown_box(any_label(propagated), band)
     stack = np.stack([p[box] for p in propagated])
     where = (stack != stack[0]).any(axis=0)
     if not where.any():
