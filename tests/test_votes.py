@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from brainsam.atlas import MIN_AGREEMENT, Atlas, agreement
+from brainsam.atlas import MIN_AGREEMENT, Atlas, agreement, agreements, trusted_indices
 from brainsam.propagation import dice
 from brainsam.volume import from_array
 from brainsam.fusion import share_of
@@ -119,3 +119,5 @@ def test_a_registration_onto_another_contrast_is_not_trusted() -> None:
     assert agreement(atlas, atlas.volume, labels) > 0.99
     assert agreement(atlas, from_array(image.max() - image, np.eye(4)), labels) < MIN_AGREEMENT
     assert agreement(atlas, atlas.volume, np.zeros_like(labels)) == 0.0
+    fits = agreements([atlas, atlas], atlas.volume, [labels, np.zeros_like(labels)])
+    assert fits[0] > 0.99 and fits[1] == 0.0 and trusted_indices(fits) == [0]

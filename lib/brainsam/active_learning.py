@@ -4,7 +4,8 @@
 
 1. Leave-one-out automatic pass: each subject is labelled by the others as atlases
    (brainsam.auto, atlases only); Dice per structure against its label file.
-2. Spearman correlation between uncertainty and 1 - Dice, per image and per structure.
+2. Spearman correlation between uncertainty and 1 - Dice, per image (the atlases' misfit,
+   brainsam.auto) and per structure (their disagreement).
 3. Active-learning simulation: for each split, two subjects are held out for testing, two
    start labelled, and each round one more of the rest is labelled, chosen by the
    `most_uncertain` rule (highest image uncertainty under the current atlases) or at random;
@@ -19,12 +20,13 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
-from .atlas import Atlas, load_atlas, propagate
+from .atlas import Atlas, agreements, load_atlas, propagate
 from .auto import disagreement, refine, vote
 from .config import load_config
 from .engine import Engine
@@ -38,6 +40,15 @@ BOX_MARGIN = 8
 """Voxels kept round the labels when scoring: fusion learns background intensities there."""
 
 
+@dataclass
+class Assessment:
+    """dice and uncertainty: per structure; image_uncertainty: the atlases' misfit (brainsam.auto)."""
+
+    dice: dict[str, float]
+    uncertainty: dict[str, float]
+    image_uncertainty: float
+
+
 class Pairs:
     """Every subject's labels propagated onto every other subject, computed once (cached), and
     the assessment of each (target, atlas set), computed once."""
@@ -45,39 +56,43 @@ class Pairs:
     def __init__(self, atlases: dict[str, Atlas], cache: Path):
         self.atlases = atlases
         self.cache = cache
-        self._assessed: dict[tuple[str, frozenset], tuple[dict[str, float], dict[str, float]]] = {}
+        self._assessed: dict[tuple[str, frozenset], Assessment] = {}
 
     def onto(self, target: str, sources: list[str]) -> list[np.ndarray]:
         return [propagate(self.atlases[s], self.atlases[target].volume, cache=self.cache) for s in sources]
 
-    def assess(self, target: str, sources: list[str], labels: LabelSet) -> tuple[dict[str, float], dict[str, float]]:
-        """(Dice per structure, uncertainty per structure) of `target` labelled by `sources`."""
+    def assess(self, target: str, sources: list[str], labels: LabelSet) -> Assessment:
+        """How well `sources` label `target`, and how sure they are."""
         key = (target, frozenset(sources))
         if key not in self._assessed:
             truth, volume = self.atlases[target].labels, self.atlases[target].volume
             propagated = self.onto(target, sorted(sources))
+            misfit = 1.0 - float(np.mean(agreements([self.atlases[s] for s in sorted(sources)], volume, propagated)))
             box = grown_box(np.any(np.stack([truth, *propagated]) > 0, axis=0), BOX_MARGIN)  # outside: background in all maps
             propagated, truth = [p[box] for p in propagated], truth[box]
             fused = fuse_with_intensity(propagated, volume.data[box], volume.spacing)
             scores = {s.name: dice(fused == s.id, truth == s.id) for s in labels.structures if (truth == s.id).any()}
-            self._assessed[key] = scores, disagreement(propagated, {}, fused, labels)
+            self._assessed[key] = Assessment(scores, disagreement(propagated, {}, fused, labels), misfit)
         return self._assessed[key]
 
 
+
 def leave_one_out(pairs: Pairs, labels: LabelSet) -> list[dict]:
-    """Rows {subject, structure, dice, uncertainty} with every other subject as atlas."""
+    """Rows {subject, structure, dice, uncertainty, image_uncertainty} with every other subject
+    as atlas."""
     rows = []
     names = sorted(pairs.atlases)
     for target in names:
-        scores, uncertainty = pairs.assess(target, [n for n in names if n != target], labels)
-        rows += [{"subject": target, "structure": s, "dice": d, "uncertainty": uncertainty[s]} for s, d in scores.items()]
-        logger.info("%s: mean Dice %.3f, uncertainty %.3f", target, np.mean(list(scores.values())), np.mean(list(uncertainty.values())))
+        found = pairs.assess(target, [n for n in names if n != target], labels)
+        rows += [{"subject": target, "structure": s, "dice": d, "uncertainty": found.uncertainty[s], "image_uncertainty": found.image_uncertainty} for s, d in found.dice.items()]
+        logger.info("%s: mean Dice %.3f, uncertainty %.3f", target, np.mean(list(found.dice.values())), found.image_uncertainty)
     return rows
 
 
 def correlations(rows: list[dict]) -> dict:
-    """Spearman rho (and p) of uncertainty against 1 - Dice: per image (means over structures),
-    over all (image, structure) pairs, and within each structure across images."""
+    """Spearman rho (and p) of uncertainty against 1 - Dice: per image (image uncertainty
+    against the mean over structures), over all (image, structure) pairs, and within each
+    structure across images."""
     def rho(u: list[float], e: list[float]) -> dict:
         result = spearmanr(u, e)
         return {"rho": float(result.statistic), "p": float(result.pvalue), "n": len(u)}
@@ -85,7 +100,7 @@ def correlations(rows: list[dict]) -> dict:
     subjects = sorted({r["subject"] for r in rows})
     per_image = [[r for r in rows if r["subject"] == s] for s in subjects]
     out = {
-        "image": rho([np.mean([r["uncertainty"] for r in g]) for g in per_image], [1 - np.mean([r["dice"] for r in g]) for g in per_image]),
+        "image": rho([g[0]["image_uncertainty"] for g in per_image], [1 - np.mean([r["dice"] for r in g]) for g in per_image]),
         "pairs": rho([r["uncertainty"] for r in rows], [1 - r["dice"] for r in rows]),
         "structure": {},
     }
@@ -118,13 +133,13 @@ def simulate(pairs: Pairs, labels: LabelSet, test: list[str], start: list[str], 
     labelled, pool = list(start), list(pool)
     curve = []
     while True:
-        curve.append(float(np.mean([np.mean(list(pairs.assess(t, labelled, labels)[0].values())) for t in test])))
+        curve.append(float(np.mean([np.mean(list(pairs.assess(t, labelled, labels).dice.values())) for t in test])))
         if not pool:
             return curve
         if pick == "random":
             chosen = pool[rng.integers(len(pool))]
         else:
-            chosen = max(pool, key=lambda s: np.mean(list(pairs.assess(s, labelled, labels)[1].values())))
+            chosen = max(pool, key=lambda s: pairs.assess(s, labelled, labels).image_uncertainty)
         labelled.append(chosen)
         pool.remove(chosen)
 

@@ -98,11 +98,14 @@ class Atlas:
 class AtlasResult:
     """Labels of a target from one or more atlases, canonical order, label-set ids.
 
-    fused: their fusion (brainsam.fusion.fuse_with_intensity). propagated: each atlas's labels on the target, in atlas order.
+    fused: their fusion (brainsam.fusion.fuse_with_intensity). propagated: each atlas's labels
+    on the target, in atlas order. misfit: how poorly they fit the target's intensities, 1 - their
+    mean `agreement` (0: as well as an image fits its own labels).
     """
 
     fused: np.ndarray
     propagated: list[np.ndarray]
+    misfit: float
 
 
 def load_atlas(image: str | Path, labels: str | Path, ids: dict[str, int], label_set: LabelSet, name: str | None = None) -> Atlas:
@@ -316,7 +319,17 @@ def label_means(data: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def trusted(atlases: list[Atlas], target: Volume, propagated: list[np.ndarray]) -> list[np.ndarray]:
     """Those of the atlases' label maps on `target` (`propagated`, in atlas order) that reach
     MIN_AGREEMENT (see `agreement`)."""
-    return [labels for atlas, labels in zip(atlases, propagated) if agreement(atlas, target, labels) >= MIN_AGREEMENT]
+    return [propagated[i] for i in trusted_indices(agreements(atlases, target, propagated))]
+
+
+def agreements(atlases: list[Atlas], target: Volume, propagated: list[np.ndarray]) -> list[float]:
+    """`agreement` of each atlas with its label map on `target` (`propagated`, in atlas order)."""
+    return [agreement(atlas, target, labels) for atlas, labels in zip(atlases, propagated)]
+
+
+def trusted_indices(fits: list[float]) -> list[int]:
+    """Positions of the `agreements` that reach MIN_AGREEMENT."""
+    return [i for i, fit in enumerate(fits) if fit >= MIN_AGREEMENT]
 
 
 def segment(atlases: list[Atlas], target: Volume, settings: RegistrationSettings = RegistrationSettings(), cache: Path | None = None) -> AtlasResult:
@@ -325,11 +338,13 @@ def segment(atlases: list[Atlas], target: Volume, settings: RegistrationSettings
     if not atlases:
         raise ValueError("atlas segmentation needs at least one atlas")
     propagated = [propagate(atlas, target, settings, cache) for atlas in atlases]
-    kept = trusted(atlases, target, propagated)
+    fits = agreements(atlases, target, propagated)
+    kept = trusted_indices(fits)
     if not kept:
         logger.warning("no atlas registered onto the image with matching intensities: keeping all %d", len(propagated))
-        kept = propagated
-    return AtlasResult(fuse_with_intensity(kept, target.data, target.spacing), kept)
+        kept = list(range(len(propagated)))
+    maps = [propagated[i] for i in kept]
+    return AtlasResult(fuse_with_intensity(maps, target.data, target.spacing), maps, 1.0 - float(np.mean([fits[i] for i in kept])))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

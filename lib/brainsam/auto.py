@@ -5,8 +5,9 @@ intensities settling where they disagree (brainsam.atlas, brainsam.fusion). Opti
 SAM engine then refines each structure: the box round the atlases' answer prompts it (as a
 Slicer ROI would) and its mask joins the vote with weight `sam_weight`.
 A structure's uncertainty is how much the voters disagree with the result: one minus the mean
-Dice of each atlas (and of SAM) with the fused mask. The image's uncertainty is the mean over
-structures.
+Dice of each atlas (and of SAM) with the fused mask. The image's uncertainty is how poorly the
+registered atlases fit its intensities (`brainsam.atlas.AtlasResult.misfit`): it ranks images by
+error better than the mean over structures did (README, "Automatic first pass").
 """
 
 from __future__ import annotations
@@ -33,15 +34,13 @@ ROI_MARGIN_MM = 2.0
 @dataclass
 class AutoResult:
     """labels: canonical uint8 map in label-set ids. uncertainty: structure name -> 0 (every
-    voter agrees) .. 1 (none overlaps the result). seconds: time per stage."""
+    voter agrees) .. 1 (none overlaps the result). image_uncertainty: the atlases' misfit (module
+    docstring). seconds: time per stage."""
 
     labels: np.ndarray
     uncertainty: dict[str, float]
+    image_uncertainty: float
     seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def image_uncertainty(self) -> float:
-        return float(np.mean(list(self.uncertainty.values()))) if self.uncertainty else 1.0
 
 
 def first_pass(
@@ -62,7 +61,7 @@ def first_pass(
     seconds["sam"] = time.perf_counter() - began - seconds["atlas"]
     fused = vote(atlas.propagated, atlas.fused, sam, labels, sam_weight)
     uncertainty = disagreement(atlas.propagated, sam, fused, labels)
-    return AutoResult(fused, uncertainty, seconds)
+    return AutoResult(fused, uncertainty, atlas.misfit, seconds)
 
 
 def refine(engine: Engine, volume: Volume, fused: np.ndarray, labels: LabelSet) -> dict[str, np.ndarray]:
