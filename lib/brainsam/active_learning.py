@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from .atlas import Atlas, agreements, load_atlas, propagate
+from .atlas import Atlas, agreements, load_atlas, misfit, propagate
 from .auto import disagreement, refine, vote
 from .config import load_config
 from .engine import Engine
@@ -67,14 +67,13 @@ class Pairs:
         if key not in self._assessed:
             truth, volume = self.atlases[target].labels, self.atlases[target].volume
             propagated = self.onto(target, sorted(sources))
-            misfit = 1.0 - float(np.mean(agreements([self.atlases[s] for s in sorted(sources)], volume, propagated)))
+            fit = misfit(agreements([self.atlases[s] for s in sorted(sources)], volume, propagated))
             box = grown_box(np.any(np.stack([truth, *propagated]) > 0, axis=0), BOX_MARGIN)  # outside: background in all maps
             propagated, truth = [p[box] for p in propagated], truth[box]
             fused = fuse_with_intensity(propagated, volume.data[box], volume.spacing)
             scores = {s.name: dice(fused == s.id, truth == s.id) for s in labels.structures if (truth == s.id).any()}
-            self._assessed[key] = Assessment(scores, disagreement(propagated, {}, fused, labels), misfit)
+            self._assessed[key] = Assessment(scores, disagreement(propagated, {}, fused, labels), fit)
         return self._assessed[key]
-
 
 
 def leave_one_out(pairs: Pairs, labels: LabelSet) -> list[dict]:

@@ -332,6 +332,11 @@ def trusted_indices(fits: list[float]) -> list[int]:
     return [i for i, fit in enumerate(fits) if fit >= MIN_AGREEMENT]
 
 
+def misfit(fits: list[float]) -> float:
+    """How poorly registrations fit a target, from their `agreements`: 1 - their mean."""
+    return 1.0 - float(np.mean(fits))
+
+
 def segment(atlases: list[Atlas], target: Volume, settings: RegistrationSettings = RegistrationSettings(), cache: Path | None = None) -> AtlasResult:
     """Every atlas registered to `target` and fused, those whose registration failed
     (`trusted`) left out unless all did; see `propagate` for `cache`."""
@@ -344,7 +349,7 @@ def segment(atlases: list[Atlas], target: Volume, settings: RegistrationSettings
         logger.warning("no atlas registered onto the image with matching intensities: keeping all %d", len(propagated))
         kept = list(range(len(propagated)))
     maps = [propagated[i] for i in kept]
-    return AtlasResult(fuse_with_intensity(maps, target.data, target.spacing), maps, 1.0 - float(np.mean([fits[i] for i in kept])))
+    return AtlasResult(fuse_with_intensity(maps, target.data, target.spacing), maps, misfit([fits[i] for i in kept]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

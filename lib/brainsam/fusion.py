@@ -69,12 +69,14 @@ class Dispute:
     box: the part of the grid examined. where: boolean on `box`, the voxels in dispute.
     labels: (L,) the labels voted for there. scores: (L, M) share ** PRIOR_POWER x intensity
     likelihood of each label at each of the M disputed voxels (zero where it has no vote).
+    majority: the majority vote on `box` (`fuse`); outside `box` no map labels anything.
     """
 
     box: tuple[slice, ...]
     where: np.ndarray
     labels: np.ndarray
     scores: np.ndarray
+    majority: np.ndarray
 
 
 def dispute(propagated: list[np.ndarray], image: np.ndarray, spacing: tuple[float, float, float]) -> Dispute | None:
@@ -89,7 +91,8 @@ def dispute(propagated: list[np.ndarray], image: np.ndarray, spacing: tuple[floa
     if not where.any():
         return None
     bins = intensity_bins(image[box])
-    near_structures = ndimage.binary_dilation(fuse(list(stack)) > 0, iterations=band)
+    majority = fuse(list(stack))
+    near_structures = ndimage.binary_dilation(majority > 0, iterations=band)
     candidates, disputed_bins = stack[:, where], bins[where]
     labels = np.unique(candidates)
     scores = np.empty((len(labels), len(disputed_bins)), dtype=np.float32)
@@ -98,7 +101,7 @@ def dispute(propagated: list[np.ndarray], image: np.ndarray, spacing: tuple[floa
         if label == 0:
             sure &= near_structures
         scores[row] = np.mean(candidates == label, axis=0) ** PRIOR_POWER * histogram(bins[sure])[disputed_bins]
-    return Dispute(box, where, labels, scores)
+    return Dispute(box, where, labels, scores, majority)
 
 
 class AtlasFusion:
@@ -112,9 +115,12 @@ class AtlasFusion:
 
     def labels(self) -> np.ndarray:
         """The majority vote where all agree, the label of highest score where they disagree."""
-        fused = fuse(self.propagated)
-        if self.dispute is not None:
-            fused[self.dispute.box][self.dispute.where] = self.dispute.labels[self.dispute.scores.argmax(axis=0)]
+        found = self.dispute
+        if found is None:
+            return fuse(self.propagated)
+        fused = np.zeros(self.propagated[0].shape, dtype=np.uint8)
+        fused[found.box] = found.majority
+        fused[found.box][found.where] = found.labels[found.scores.argmax(axis=0)]
         return fused
 
     def probability(self, label_id: int) -> np.ndarray:

@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 from typing import List, Optional
 
-
 from brainsam.atlas import Atlas, RegistrationSettings, cached, load_atlas, trusted
 from brainsam.fusion import AtlasFusion
 from brainsam.labels import LabelSet
