@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up brainsam from a fresh clone: .venv at the repo root with the pinned requirements and
-# brainsam itself, and the built-in sample data (Colin27 from Debian's mricron-data) in sample-data/.
+# brainsam itself, Debian's mricron-data (the built-in atlas, Colin27 with AAL) and the sample data in
+# sample-data/ (the MNI152 template from the nilearn wheel, with AAL by MNI coordinates as reference).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,7 @@ echo "== installing pinned requirements (first time: several minutes, ~8 GB with
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 
 if [ ! -f /usr/share/mricron/templates/ch2.nii.gz ]; then
-  echo "== installing the sample data package mricron-data"
+  echo "== installing the built-in atlas package mricron-data"
   if [ "$(id -u)" = 0 ]; then
     (apt-get install -y -q mricron-data || (apt-get update -q && apt-get install -y -q mricron-data)) >/dev/null
   else

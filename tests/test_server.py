@@ -3,7 +3,7 @@
 Starts `python -m monailabel.main start_server --app apps/brainsam` on 127.0.0.1 over a temporary
 studies folder holding one FreeSurfer subject (1 mm, LIA) and one IXI subject (2 mm, PSR), and
 sends requests with monailabel's own client; one more test starts it, as scripts/demo.sh does,
-over the built-in sample (Colin27 with AAL reference labels, from brainsam.sample). Runtime is
+over the built-in sample (the MNI152 template with AAL by MNI coordinates, from brainsam.sample). Runtime is
 dominated by the first prompt on each image, which encodes its slices; every later request
 reuses them, so the tests stick to small structures and each image is prompted cold once.
 
@@ -40,7 +40,7 @@ from brainsam.backbones import Backbone, load_backbone
 from brainsam.labels import load_label_set, load_mapping
 from brainsam.lora import LoraSettings, add_lora
 from brainsam.remote import read_mask
-from brainsam.sample import INSTALL_HINT, MRICRON, write_sample
+from brainsam.sample import INSTALL_HINT, MRICRON, template_path, write_sample
 
 from .conftest import NARROW_PHANTOM, make_phantom, require_data
 
@@ -395,17 +395,21 @@ def test_start_up_precomputes_embeddings_for_the_first_click(tmp_path: Path) -> 
 
 def test_demo_serves_the_builtin_sample(tmp_path: Path) -> None:
     """What README promises of `bash scripts/demo.sh`: the sample written by
-    `python -m brainsam.sample` (Colin27 and its AAL reference), served by the real server,
-    answers /info and a box round a structure with a mask on the image's grid."""
-    for path in (MRICRON / "ch2.nii.gz", MRICRON / "aal.nii.gz"):
-        if not path.is_file():
-            pytest.skip(f"sample not available: {path} is absent; {INSTALL_HINT}")
+    `python -m brainsam.sample` (the MNI152 template and AAL carried onto it by MNI
+    coordinates), served by the real server, answers /info and a box round a structure with a
+    mask on the image's grid."""
+    try:
+        template_path()
+    except FileNotFoundError as error:
+        pytest.skip(f"sample not available: {error}")
+    if not (MRICRON / "aal.nii.gz").is_file():
+        pytest.skip(f"sample reference not available: {MRICRON / 'aal.nii.gz'} is absent; {INSTALL_HINT}")
     image_path, reference_path = write_sample(tmp_path)
     image = nib.load(image_path)
     labels = load_label_set()
     assert len(labels.names) == 17
     ids = {s.name: s.id for s in labels.structures}  # the reference is written in the label set's ids
-    sample = Subject("colin27", tuple(image.shape), image.affine, np.asarray(nib.load(reference_path).dataobj), ids)
+    sample = Subject("mni152", tuple(image.shape), image.affine, np.asarray(nib.load(reference_path).dataobj), ids)
     truth = sample.truth("Left-Pallidum")
     with running_server(tmp_path / "studies", tmp_path / "server") as server:
         check_info(server.url)

@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from .fusion import fuse_with_intensity
 from .labels import LabelSet, load_label_set, load_mapping
+from .reference import Placements, PlacementSettings, affine_by_mutual_information, as_affine, between, from_sitk, settings_key, to_sitk
 from .trainset import read_labels
 from .volume import Volume, load_volume, save_mask
 
@@ -45,23 +46,29 @@ it keeps out what clearly failed, not every poor registration."""
 class RegistrationSettings:
     """How an atlas is registered to a target.
 
-    spacing_mm: isotropic resolution of the whole-head affine.
-    affine_iterations: gradient steps per level of each affine.
-    sampling: fraction of voxels the mutual information is estimated from.
+    placement: how each image is placed on the reference brain (brainsam.reference); the
+    atlas-to-target affine composes both placements.
     local_spacing_mm: isotropic resolution of the deep-brain stage, on the box round the atlas's
     labels grown by `local_margin_mm`.
+    local_iterations, local_sampling: gradient steps per level (`local_shrink`) of that stage's
+    affine and the fraction of voxels its metric samples; 0 iterations keep
+    the composed placements.
     demons_iterations: iterations of that stage's deformable step; 0 keeps its affine only.
     demons_sigma_mm: smoothing of the demons displacement field.
+    demons_check: keep the demons step only where the labels it carries fit the target's
+    intensities at least as well as the affine's (`fitted_labels`).
     threads: ITK threads (the project's CPU target has 2 cores).
     """
 
-    spacing_mm: float = 3.0
-    affine_iterations: int = 100
-    sampling: float = 0.1
+    placement: PlacementSettings = PlacementSettings()
     local_spacing_mm: float = 1.5
     local_margin_mm: float = 15.0
+    local_iterations: int = 100
+    local_shrink: tuple[int, ...] = (2, 1)
+    local_sampling: float = 0.1
     demons_iterations: int = 50
     demons_sigma_mm: float = 2.0
+    demons_check: bool = True
     threads: int = 2
 
     def key(self) -> str:
@@ -84,13 +91,20 @@ class Atlas:
         return digest.hexdigest()
 
     @cached_property
+    def label_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lowest and highest corner (mm) of the box round the labels."""
+        index = np.argwhere(self.labels > 0)
+        spacing = np.asarray(self.volume.spacing)
+        return index.min(axis=0) * spacing, index.max(axis=0) * spacing
+
+    @cached_property
     def means(self) -> np.ndarray:
         """Mean intensity within each label value 1..255 (`label_means`)."""
         return label_means(self.volume.data, self.labels)
 
     def prepared(self) -> "Atlas":
         """The atlas with its digest and means computed now (off the click path); itself."""
-        _ = self.key, self.means
+        _ = self.key, self.means, self.label_box
         return self
 
 
@@ -124,60 +138,102 @@ def relabel(values: np.ndarray, ids: dict[str, int], label_set: LabelSet) -> np.
     return out
 
 
-def to_sitk(array: np.ndarray, spacing: tuple[float, float, float]) -> sitk.Image:
-    """A canonical (R, A, S) array as a SimpleITK image with origin 0 and identity direction
-    (SimpleITK's arrays are z, y, x, hence the transpose)."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    image.SetSpacing(tuple(float(s) for s in spacing))
+@dataclass
+class Registration:
+    """An atlas registered to a target: transforms taking target points (canonical mm, origin
+    at voxel 0) to atlas points, and the region of the target (an empty image) they were fitted on.
+
+    affine: the composed placements refined on the deep brain. deformable: that affine after a
+    demons displacement on the region (None without demons).
+    """
+
+    affine: sitk.Transform
+    deformable: sitk.Transform | None
+    region: sitk.Image
+
+
+def register(atlas: Atlas, target: Volume, settings: RegistrationSettings = RegistrationSettings(), placements: Placements | None = None) -> Registration:
+    """The atlas registered to `target`: both images' affines onto the reference brain composed
+    (brainsam.reference, each computed once per image), refined on the deep brain (the box round
+    the atlas's labels) by an affine and demons at `local_spacing_mm` (or the target's own
+    spacing where that is coarser)."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)
+    placements = placements or default_placements(settings, None)
+    head = between(placements.of(target), placements.of(atlas.volume))
+    spacing = max(settings.local_spacing_mm, min(target.spacing))
+    region = deep_region(atlas, target, head, settings.local_margin_mm, spacing)
+    fixed_region = resample_region(target, region)
+    moving_smooth = smooth_to(cropped(atlas.volume, *atlas_box(atlas, settings.local_margin_mm + SMOOTHING_REACH_MM)), spacing)
+    affine = head
+    if settings.local_iterations > 0:
+        affine = as_affine(affine_by_mutual_information(fixed_region, moving_smooth, head, settings.local_iterations, settings.local_sampling, shrink=settings.local_shrink))
+    if settings.demons_iterations <= 0:
+        return Registration(affine, None, region)
+    field = demons(fixed_region, sitk.Resample(moving_smooth, fixed_region, affine, sitk.sitkLinear, 0.0), settings)
+    # ITK composites apply the last transform first: displacement in target space, then affine
+    return Registration(affine, sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field)]), region)
+
+
+def fitted_labels(atlas: Atlas, target: Volume, registration: Registration, check: bool = True) -> np.ndarray:
+    """The atlas labels carried onto `target` by the registration's deformable transform, unless
+    (with `check`) its labels fit the target's intensities worse (`agreement`) than the affine's. Demons follow
+    intensities: across scanners and labelling protocols they can pull structures astray
+    (fs-aseg atlases on ixi-muse images: mean Dice 0.66 with demons, 0.71 without), within one
+    they gain (fs-aseg: 0.83 without, 0.88 with); docs/day_zero.md."""
+    if registration.deformable is None:
+        return warp_labels(atlas, target, registration.affine, registration.region)
+    deformed = warp_labels(atlas, target, registration.deformable, registration.region)
+    if not check:
+        return deformed
+    rigid = warp_labels(atlas, target, registration.affine, registration.region)
+    return deformed if agreement(atlas, target, deformed) >= agreement(atlas, target, rigid) else rigid
+
+
+_PLACEMENTS: dict[tuple[str, str], Placements] = {}
+
+
+def default_placements(settings: RegistrationSettings, cache: Path | None) -> Placements:
+    """The process's placements on the reference for `settings.placement`, kept in memory and
+    under `cache` when given: each image is placed once per process (once for all, with a cache)."""
+    key = (settings_key(settings.placement), str(cache))
+    if key not in _PLACEMENTS:
+        _PLACEMENTS[key] = Placements(settings.placement, cache)
+    return _PLACEMENTS[key]
+
+
+SMOOTHING_REACH_MM = 6.0
+"""How far outside a box the voxels that smoothing carries into it lie (3 sigma at 3 mm)."""
+
+
+def atlas_box(atlas: Atlas, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest corner (mm) of the box round the atlas's labels grown by `margin_mm`."""
+    low, high = atlas.label_box
+    return low - margin_mm, high + margin_mm
+
+
+def cropped(volume: Volume, low_mm: np.ndarray, high_mm: np.ndarray) -> sitk.Image:
+    """The part of `volume` between two corners (mm, kept inside the grid) as a SimpleITK
+    image placed where it lies: only that part is then smoothed and sampled."""
+    spacing = np.asarray(volume.spacing)
+    start = np.clip(np.floor(np.asarray(low_mm) / spacing).astype(int), 0, np.asarray(volume.data.shape) - 1)
+    stop = np.clip(np.ceil(np.asarray(high_mm) / spacing).astype(int) + 1, start + 1, volume.data.shape)
+    image = to_sitk(volume.data[tuple(slice(a, b) for a, b in zip(start, stop))], volume.spacing)
+    image.SetOrigin(tuple(float(v) for v in start * spacing))
     return image
 
 
-def from_sitk(image: sitk.Image) -> np.ndarray:
-    return np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
-
-
-def downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """Smooth (against aliasing) and resample to an isotropic grid covering the same extent."""
-    old = np.array(image.GetSpacing())
-    size = [max(int(round(n * s / spacing_mm)), 2) for n, s in zip(image.GetSize(), old)]
-    sigma = [max((spacing_mm - s) / 2.0, 0.0) for s in old]
-    smoothed = sitk.SmoothingRecursiveGaussian(image, sigma) if max(sigma) > 0 else image
-    return sitk.Resample(smoothed, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (spacing_mm,) * 3, image.GetDirection(), 0.0, sitk.sitkFloat32)
-
-
-def register(atlas: Atlas, target: Volume, settings: RegistrationSettings = RegistrationSettings()) -> sitk.Transform:
-    """The transform taking target points (canonical mm, origin at voxel 0) to atlas points:
-    an affine of the whole heads at `spacing_mm`, refined on the deep brain (the box round the
-    atlas's labels) by an affine and demons at `local_spacing_mm`. Fitting the deep brain alone
-    measured mean Dice 0.851 against 0.780 for whole-head demons at 3 mm (fs-aseg sub-06, 6 atlases)."""
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)
-    fixed, moving = to_sitk(target.data, target.spacing), to_sitk(atlas.volume.data, atlas.volume.spacing)
-    head = register_affine(downsample(fixed, settings.spacing_mm), downsample(moving, settings.spacing_mm), settings)
-    region = deep_region(atlas, target, head, settings)
-    fixed_region = resample_region(fixed, region)
-    moving_smooth = smooth_to(moving, settings.local_spacing_mm)
-    affine = refine_affine(fixed_region, moving_smooth, as_affine(head), settings)
-    if settings.demons_iterations <= 0:
-        return affine
-    field = demons(fixed_region, sitk.Resample(moving_smooth, fixed_region, affine, sitk.sitkLinear, 0.0), settings)
-    # ITK composites apply the last transform first: displacement in target space, then affine
-    return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field)])
-
-
-def deep_region(atlas: Atlas, target: Volume, head: sitk.Transform, settings: RegistrationSettings) -> sitk.Image:
+def deep_region(atlas: Atlas, target: Volume, head: sitk.Transform, margin_mm: float, spacing_mm: float) -> sitk.Image:
     """An empty image on the target's part holding the atlas's labels (their box grown by
-    `local_margin_mm`, carried over by the inverse of `head`), at `local_spacing_mm`."""
-    index = np.argwhere(atlas.labels > 0)
-    spacing = np.asarray(atlas.volume.spacing)
-    low, high = index.min(axis=0) * spacing - settings.local_margin_mm, index.max(axis=0) * spacing + settings.local_margin_mm
+    `margin_mm`, carried over by the inverse of `head`), at `spacing_mm`."""
+    low, high = atlas_box(atlas, margin_mm)
     corners = [(x, y, z) for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])]
     inverse = head.GetInverse()
     mapped = np.array([inverse.TransformPoint(tuple(float(v) for v in corner)) for corner in corners])
     extent = (np.asarray(target.data.shape) - 1) * np.asarray(target.spacing)
     start, stop = np.clip(mapped.min(axis=0), 0, extent), np.clip(mapped.max(axis=0), 0, extent)
-    size = [max(int(np.ceil((b - a) / settings.local_spacing_mm)) + 1, 2) for a, b in zip(start, stop)]
+    size = [max(int(np.ceil((b - a) / spacing_mm)) + 1, 2) for a, b in zip(start, stop)]
     region = sitk.Image(size, sitk.sitkFloat32)
-    region.SetSpacing((settings.local_spacing_mm,) * 3)
+    region.SetSpacing((spacing_mm,) * 3)
     region.SetOrigin(tuple(float(v) for v in start))
     return region
 
@@ -188,63 +244,12 @@ def smooth_to(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     return sitk.Cast(sitk.SmoothingRecursiveGaussian(image, sigma), sitk.sitkFloat32)
 
 
-def resample_region(image: sitk.Image, region: sitk.Image) -> sitk.Image:
-    """`image` smoothed and resampled onto the grid of `region`."""
-    return sitk.Resample(smooth_to(image, region.GetSpacing()[0]), region, sitk.Transform(), sitk.sitkLinear, 0.0)
-
-
-def as_affine(transform: sitk.Transform) -> sitk.AffineTransform:
-    """The affine a registration returned (wrapped in a composite by SimpleITK) as such."""
-    flat = transform.Downcast()
-    if isinstance(flat, sitk.CompositeTransform):
-        flat = flat.GetNthTransform(0).Downcast()
-    return sitk.AffineTransform(flat)
-
-
-HEAD_DEPTH_MM = 120.0
-"""How far below the top of the head the part that starts registrations is centred on: fields of
-view differ below (a neck or not), never at the top."""
-
-
-def head_centre(image: sitk.Image) -> np.ndarray:
-    """Centre (mm) of the head's upper HEAD_DEPTH_MM (Otsu foreground, canonical S up)."""
-    head = from_sitk(sitk.OtsuThreshold(image, 0, 1)) > 0
-    index = np.argwhere(head)
-    spacing = np.asarray(image.GetSpacing())
-    top = index[:, 2].max()
-    upper = index[index[:, 2] >= top - HEAD_DEPTH_MM / spacing[2]]
-    return upper.mean(axis=0) * spacing
-
-
-def register_affine(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings) -> sitk.Transform:
-    """Affine by Mattes mutual information, three resolution levels, started by aligning the
-    heads' upper parts (`head_centre`: centres of mass fail when one image holds the neck)."""
-    initial = sitk.AffineTransform(3)
-    centre = head_centre(fixed)
-    initial.SetCenter(centre.tolist())
-    initial.SetTranslation((head_centre(moving) - centre).tolist())
-    return affine_by_mutual_information(fixed, moving, initial, settings, shrink=[4, 2, 1])
-
-
-def refine_affine(fixed: sitk.Image, moving: sitk.Image, initial: sitk.AffineTransform, settings: RegistrationSettings) -> sitk.Transform:
-    """`initial` refined on the grid of `fixed` (a region), two resolution levels."""
-    return affine_by_mutual_information(fixed, moving, initial, settings, shrink=[2, 1])
-
-
-def affine_by_mutual_information(fixed: sitk.Image, moving: sitk.Image, initial: sitk.AffineTransform, settings: RegistrationSettings, shrink: list[int]) -> sitk.Transform:
-    """The affine from `initial` maximising Mattes mutual information, one level per `shrink`
-    factor (smoothed by half as many voxels)."""
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(settings.sampling, seed=7)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=settings.affine_iterations, relaxationFactor=0.6)
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel(shrink)
-    method.SetSmoothingSigmasPerLevel([factor // 2 for factor in shrink])
-    method.SetInitialTransform(initial, inPlace=False)
-    return method.Execute(fixed, moving)
+def resample_region(volume: Volume, region: sitk.Image) -> sitk.Image:
+    """The part of `volume` under `region`, smoothed and resampled onto its grid."""
+    low = np.asarray(region.GetOrigin())
+    high = low + (np.asarray(region.GetSize()) - 1) * np.asarray(region.GetSpacing())
+    part = cropped(volume, low - SMOOTHING_REACH_MM, high + SMOOTHING_REACH_MM)
+    return sitk.Resample(smooth_to(part, region.GetSpacing()[0]), region, sitk.Transform(), sitk.sitkLinear, 0.0)
 
 
 def demons(fixed: sitk.Image, warped: sitk.Image, settings: RegistrationSettings) -> sitk.Image:
@@ -258,22 +263,45 @@ def demons(fixed: sitk.Image, warped: sitk.Image, settings: RegistrationSettings
     return sitk.Cast(step.Execute(fixed, matched), sitk.sitkVectorFloat64)
 
 
-def warp_labels(atlas: Atlas, target: Volume, transform: sitk.Transform) -> np.ndarray:
-    """The atlas labels resampled (nearest neighbour) onto the target's canonical grid."""
-    reference = sitk.Image([int(n) for n in target.data.shape], sitk.sitkUInt8)
-    reference.SetSpacing(tuple(float(s) for s in target.spacing))
-    labels = sitk.Resample(to_sitk(atlas.labels, atlas.volume.spacing), reference, transform, sitk.sitkNearestNeighbor, 0)
-    return from_sitk(labels).astype(np.uint8)
+def warp_labels(atlas: Atlas, target: Volume, transform: sitk.Transform, region: sitk.Image | None = None) -> np.ndarray:
+    """The atlas labels resampled (nearest neighbour) onto the target's canonical grid, within
+    `region` (a box in target mm; zero outside it) when given."""
+    shape, spacing = np.asarray(target.data.shape), np.asarray(target.spacing)
+    start, stop = np.zeros(3, int), shape
+    if region is not None:
+        low = np.asarray(region.GetOrigin())
+        high = low + (np.asarray(region.GetSize()) - 1) * np.asarray(region.GetSpacing())
+        start = np.clip(np.floor(low / spacing).astype(int), 0, shape - 1)
+        stop = np.clip(np.ceil(high / spacing).astype(int) + 1, start + 1, shape)
+    reference = sitk.Image([int(n) for n in stop - start], sitk.sitkUInt8)
+    reference.SetSpacing(tuple(float(s) for s in spacing))
+    reference.SetOrigin(tuple(float(v) for v in start * spacing))
+    low, high = atlas.label_box
+    labels = sitk.Resample(cropped_labels(atlas, low, high), reference, transform, sitk.sitkNearestNeighbor, 0)
+    out = np.zeros(target.data.shape, dtype=np.uint8)
+    out[tuple(slice(a, b) for a, b in zip(start, stop))] = from_sitk(labels)
+    return out
 
 
-def propagate(atlas: Atlas, target: Volume, settings: RegistrationSettings = RegistrationSettings(), cache: Path | None = None) -> np.ndarray:
+def cropped_labels(atlas: Atlas, low_mm: np.ndarray, high_mm: np.ndarray) -> sitk.Image:
+    """The atlas's labels between two corners (mm) as a uint8 SimpleITK image placed where they lie."""
+    spacing = np.asarray(atlas.volume.spacing)
+    start = np.clip(np.floor(low_mm / spacing).astype(int) - 1, 0, None)
+    stop = np.minimum(np.ceil(high_mm / spacing).astype(int) + 2, atlas.labels.shape)
+    image = to_sitk(atlas.labels[tuple(slice(a, b) for a, b in zip(start, stop))], atlas.volume.spacing)
+    image.SetOrigin(tuple(float(v) for v in start * spacing))
+    return image
+
+
+def propagate(atlas: Atlas, target: Volume, settings: RegistrationSettings = RegistrationSettings(), cache: Path | None = None, placements: Placements | None = None) -> np.ndarray:
     """The atlas labels on the target (canonical, label-set ids), registering once: with
-    `cache`, the result is kept there under the atlas, target and settings digests."""
+    `cache`, the result is kept there under the atlas, target and settings digests, and so are
+    the images' placements on the reference (unless `placements` are given)."""
     found = cached(atlas, target, settings, cache) if cache is not None else None
     if found is not None:
         return found
     began = time.perf_counter()
-    labels = warp_labels(atlas, target, register(atlas, target, settings))
+    labels = fitted_labels(atlas, target, register(atlas, target, settings, placements or default_placements(settings, cache)), settings.demons_check)
     logger.info("atlas %s registered in %.1f s", atlas.name, time.perf_counter() - began)
     if cache is not None:
         path = cache_path(atlas, target, settings, cache)
@@ -357,7 +385,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("target", type=Path, help="image to label")
     parser.add_argument("--atlas", nargs=3, action="append", required=True, metavar=("IMAGE", "LABELS", "MAPPING"), help="an atlas: image, label file, mapping YAML (configs/mappings)")
     parser.add_argument("--labels", default=None, help="label set YAML (default: configs/labels/freesurfer_subcortical.yaml)")
-    parser.add_argument("--spacing", type=float, default=RegistrationSettings.spacing_mm, help="registration resolution in mm")
     parser.add_argument("--demons", type=int, default=RegistrationSettings.demons_iterations, help="demons iterations (0: affine only)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="fused label map, written on the target's grid")
     return parser.parse_args(argv)
@@ -370,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     atlases = [load_atlas(image, labels, load_mapping(mapping), label_set) for image, labels, mapping in args.atlas]
     target = load_volume(args.target)
     began = time.perf_counter()
-    result = segment(atlases, target, RegistrationSettings(spacing_mm=args.spacing, demons_iterations=args.demons))
+    result = segment(atlases, target, RegistrationSettings(demons_iterations=args.demons))
     save_mask(target, result.fused, args.output)
     print(f"{len(atlases)} atlas(es) registered and fused in {time.perf_counter() - began:.1f} s: {args.output}")
     return 0
