@@ -61,12 +61,12 @@ class RegistrationSettings:
     """
 
     placement: PlacementSettings = PlacementSettings()
-    local_spacing_mm: float = 1.5
+    local_spacing_mm: float = 2.0
     local_margin_mm: float = 15.0
-    local_iterations: int = 100
-    local_shrink: tuple[int, ...] = (2, 1)
+    local_iterations: int = 50
+    local_shrink: tuple[int, ...] = (1,)
     local_sampling: float = 0.1
-    demons_iterations: int = 50
+    demons_iterations: int = 30
     demons_sigma_mm: float = 2.0
     demons_check: bool = True
     threads: int = 2

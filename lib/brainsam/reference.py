@@ -133,24 +133,30 @@ class PlacementSettings:
     sampling: float = 0.2
 
 
-def place(volume: Volume, settings: PlacementSettings = PlacementSettings(), reference: Reference | None = None) -> sitk.AffineTransform:
+def place(volume: Volume, settings: PlacementSettings = PlacementSettings()) -> sitk.AffineTransform:
     """The affine taking reference points (canonical mm, origin at voxel 0) to `volume`'s."""
-    reference = reference or load_reference()
-    fixed = to_sitk(reference.volume.data, reference.volume.spacing)
     moving = to_sitk(volume.data, volume.spacing)
+    fixed_head, moving_head = reference_at(settings.head_mm), downsample(moving, settings.head_mm)
     initial = sitk.AffineTransform(3)
-    centre = head_centre(downsample(fixed, settings.head_mm))
+    centre = head_centre(fixed_head)
     initial.SetCenter(centre.tolist())
-    initial.SetTranslation((head_centre(downsample(moving, settings.head_mm)) - centre).tolist())
-    head = affine_by_mutual_information(downsample(fixed, settings.head_mm), downsample(moving, settings.head_mm), initial, settings.iterations, settings.sampling, shrink=(2, 1))
-    brain_fixed = downsample(fixed, settings.brain_mm)
-    mask = brain_mask(reference, brain_fixed)
-    brain = affine_by_mutual_information(brain_fixed, downsample(moving, settings.brain_mm), as_affine(head), settings.iterations, settings.sampling, shrink=(2, 1), mask=mask)
+    initial.SetTranslation((head_centre(moving_head) - centre).tolist())
+    head = affine_by_mutual_information(fixed_head, moving_head, initial, settings.iterations, settings.sampling, shrink=(2, 1))
+    fixed_brain = reference_at(settings.brain_mm)
+    brain = affine_by_mutual_information(fixed_brain, downsample(moving, settings.brain_mm), as_affine(head), settings.iterations, settings.sampling, shrink=(2, 1), mask=brain_mask(fixed_brain))
     return as_affine(brain)
 
 
-def brain_mask(reference: Reference, grid: sitk.Image) -> sitk.Image:
+@lru_cache(maxsize=4)
+def reference_at(spacing_mm: float) -> sitk.Image:
+    """The reference image downsampled to `spacing_mm` (computed once per process)."""
+    reference = load_reference()
+    return downsample(to_sitk(reference.volume.data, reference.volume.spacing), spacing_mm)
+
+
+def brain_mask(grid: sitk.Image) -> sitk.Image:
     """The reference's brain grown by BRAIN_MARGIN_MM, as a uint8 mask on `grid`."""
+    reference = load_reference()
     grown = ndimage.binary_dilation(reference.brain, iterations=int(round(BRAIN_MARGIN_MM / min(reference.volume.spacing))))
     mask = to_sitk(grown.astype(np.uint8), reference.volume.spacing)
     return sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
