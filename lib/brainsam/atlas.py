@@ -2,12 +2,16 @@
 
     python -m brainsam.atlas TARGET.nii.gz --atlas IMAGE LABELS MAPPING [--atlas ...] -o labels.nii.gz
 
-An atlas is an image with its label map in the label set's ids. It is registered to the
-target at low resolution (`RegistrationSettings.spacing_mm`): an affine by Mattes mutual
-information, then a symmetric-forces demons step on histogram-matched intensities. Its labels
+An atlas is an image with its label map in the label set's ids. Every image, atlas or target,
+is placed once on a shared reference brain (brainsam.reference: Colin27, brain-masked mutual
+information), so an atlas reaches a target through both placements composed; that affine is
+refined on the deep brain (the box round the atlas's labels, `RegistrationSettings.local_*`) by
+mutual information and a symmetric-forces demons step on histogram-matched intensities, the
+demons kept only where its labels fit the target's intensities at least as well. Its labels
 are resampled onto the target's canonical grid by nearest neighbour. Several atlases are fused
 by their vote per voxel, weighed by the target's intensities where they disagree
-(brainsam.fusion); how much they disagree says how sure the fusion is.
+(brainsam.fusion); how much they disagree says how sure the fusion is. Measured in
+docs/day_zero.md (`python -m benchmarks.registration`).
 
 Everything works in the canonical (R, A, S) voxel order of `brainsam.volume.Volume` with the
 origin at voxel 0, so results map back to the stored grid with `Volume.to_stored`.
@@ -55,8 +59,9 @@ class RegistrationSettings:
     the composed placements.
     demons_iterations: iterations of that stage's deformable step; 0 keeps its affine only.
     demons_sigma_mm: smoothing of the demons displacement field.
-    demons_check: keep the demons step only where the labels it carries fit the target's
-    intensities at least as well as the affine's (`fitted_labels`).
+    demons_tolerance: keep the demons step unless the labels it carries fit the target's
+    intensities (`agreement`) worse than the affine's by more than this (`fitted_labels`);
+    infinite: always keep it.
     threads: ITK threads (the project's CPU target has 2 cores).
     """
 
@@ -68,7 +73,7 @@ class RegistrationSettings:
     local_sampling: float = 0.1
     demons_iterations: int = 30
     demons_sigma_mm: float = 2.0
-    demons_check: bool = True
+    demons_tolerance: float = 0.03
     threads: int = 2
 
     def key(self) -> str:
@@ -174,19 +179,20 @@ def register(atlas: Atlas, target: Volume, settings: RegistrationSettings = Regi
     return Registration(affine, sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field)]), region)
 
 
-def fitted_labels(atlas: Atlas, target: Volume, registration: Registration, check: bool = True) -> np.ndarray:
+def fitted_labels(atlas: Atlas, target: Volume, registration: Registration, tolerance: float = 0.03) -> np.ndarray:
     """The atlas labels carried onto `target` by the registration's deformable transform, unless
-    (with `check`) its labels fit the target's intensities worse (`agreement`) than the affine's. Demons follow
-    intensities: across scanners and labelling protocols they can pull structures astray
-    (fs-aseg atlases on ixi-muse images: mean Dice 0.66 with demons, 0.71 without), within one
-    they gain (fs-aseg: 0.83 without, 0.88 with); docs/day_zero.md."""
+    they fit the target's intensities (`agreement`) worse than the affine's by more than
+    `tolerance` (infinite: never checked). Demons follow intensities: across scanners and
+    labelling protocols they pull structures astray (fs-aseg atlases on ixi-muse images: mean
+    Dice 0.66 with demons, 0.71 without; agreement drops 0.08-0.13), within one they gain
+    (fs-aseg: 0.83 without, 0.88 with; agreement moves by under 0.01); docs/day_zero.md."""
     if registration.deformable is None:
         return warp_labels(atlas, target, registration.affine, registration.region)
     deformed = warp_labels(atlas, target, registration.deformable, registration.region)
-    if not check:
+    if not np.isfinite(tolerance):
         return deformed
     rigid = warp_labels(atlas, target, registration.affine, registration.region)
-    return deformed if agreement(atlas, target, deformed) >= agreement(atlas, target, rigid) else rigid
+    return deformed if agreement(atlas, target, deformed) >= agreement(atlas, target, rigid) - tolerance else rigid
 
 
 _PLACEMENTS: dict[tuple[str, str], Placements] = {}
@@ -301,7 +307,7 @@ def propagate(atlas: Atlas, target: Volume, settings: RegistrationSettings = Reg
     if found is not None:
         return found
     began = time.perf_counter()
-    labels = fitted_labels(atlas, target, register(atlas, target, settings, placements or default_placements(settings, cache)), settings.demons_check)
+    labels = fitted_labels(atlas, target, register(atlas, target, settings, placements or default_placements(settings, cache)), settings.demons_tolerance)
     logger.info("atlas %s registered in %.1f s", atlas.name, time.perf_counter() - began)
     if cache is not None:
         path = cache_path(atlas, target, settings, cache)

@@ -44,7 +44,8 @@ def fingerprint(*paths: Path) -> str:
 class AtlasPool:
     """Atlases for one label set drawn from a datastore.
 
-    most: the largest number of atlases registered per image (each costs ~12 s on 2 cores);
+    most: the largest number of atlases registered per image (each costs ~4-6 CPU s once the
+    image is placed on the reference brain, ~7 CPU s at 1 mm, once per image: brainsam.reference);
     with more labelled images, the most recently labelled ones are used.
     """
 
