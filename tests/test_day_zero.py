@@ -57,5 +57,5 @@ def test_the_builtin_prior_labels_a_freesurfer_subject_it_has_never_seen() -> No
     subject = load_atlas(folder / "T1.nii.gz", folder / "aseg.nii.gz", load_mapping(CONFIGS / "mappings" / "aseg.yaml"), labels)
     carried = propagate(builtin_atlas(labels), subject.volume)
     scores = [dice(carried == s.id, subject.labels == s.id) for s in labels.structures]
-    # measured MEAN_SUB04 on sub-04 (docs/day_zero.md); the registration before placements gave ~0.60
-    assert np.mean(scores) > THRESHOLD_SUB04
+    # measured 0.618 on sub-04 (docs/day_zero.md: 0.605-0.630 over the 7 fs-aseg subjects)
+    assert np.mean(scores) > 0.55

@@ -14,13 +14,15 @@ origin at voxel 0 (`brainsam.atlas.to_sitk`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -51,15 +53,7 @@ def load_reference(source: Path = MRICRON) -> Reference:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the reference brain comes from the mricron-data package; {INSTALL_HINT}")
     volume = load_volume(image)
-    mask = volume.to_canonical(np.asanyarray(load_volume_raw(brain))) > 0
-    return Reference(volume, mask)
-
-
-def load_volume_raw(path: Path) -> np.ndarray:
-    """The stored array of a NIfTI file (no reorientation, no scaling)."""
-    import nibabel as nib
-
-    return np.asanyarray(nib.load(str(path)).dataobj)
+    return Reference(volume, volume.to_canonical(np.asanyarray(nib.load(str(brain)).dataobj)) > 0)
 
 
 def to_sitk(array: np.ndarray, spacing: tuple[float, float, float]) -> sitk.Image:
@@ -71,6 +65,7 @@ def to_sitk(array: np.ndarray, spacing: tuple[float, float, float]) -> sitk.Imag
 
 
 def from_sitk(image: sitk.Image) -> np.ndarray:
+    """A SimpleITK image's voxels as a canonical (R, A, S) array (`to_sitk` undone)."""
     return np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
 
 
@@ -204,8 +199,11 @@ class Placements:
             return found
         path = Path(self.cache) / f"placement-{key}.tfm" if self.cache is not None else None
         if path is not None and path.is_file():
-            found = as_affine(sitk.ReadTransform(str(path)))
-        else:
+            try:
+                found = as_affine(sitk.ReadTransform(str(path)))
+            except RuntimeError:  # a damaged file: the image is placed again
+                logger.warning("unreadable placement %s: placing the image again", path)
+        if found is None:
             began = time.perf_counter()
             found = place(volume, self.settings)
             logger.info("image placed on the reference in %.1f s", time.perf_counter() - began)
@@ -222,7 +220,5 @@ class Placements:
 
 
 def settings_key(settings: PlacementSettings) -> str:
-    import hashlib
-    from dataclasses import asdict
-
+    """Digest of the placement settings: placements made otherwise are kept apart."""
     return hashlib.blake2b(repr(sorted(asdict(settings).items())).encode(), digest_size=6).hexdigest()
