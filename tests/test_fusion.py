@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from brainsam.fusion import AtlasFusion, fuse, fuse_with_intensity
+from brainsam.fusion import AtlasFusion, fuse, fuse_with_intensity, with_borders
 
 SHAPE = (40, 40, 40)
 SPACING = (1.0, 1.0, 1.0)
@@ -68,3 +68,23 @@ def test_a_lone_map_or_agreeing_maps_are_returned_unchanged() -> None:
     assert (fuse_with_intensity([truth, truth], image, SPACING) == truth).all()
     empty = np.zeros(SHAPE, dtype=np.uint8)
     assert not fuse_with_intensity([empty, empty], image, SPACING).any()
+
+
+def test_a_lone_map_with_its_borders_lets_intensity_move_them_by_a_voxel() -> None:
+    truth = ball((20, 20, 20), 6).astype(np.uint8) * 3
+    shifted = np.roll(truth, 1, axis=0)  # a lone atlas one voxel off
+    image = image_of(truth)
+    maps = with_borders([shifted])
+    assert len(maps) == 3 and maps[1] is shifted
+    assert (maps[0] <= shifted).all() and maps[0].sum() < shifted.sum() < maps[2].sum()
+    fused = fuse_with_intensity(maps, image, SPACING)
+    assert dice_of(fused == 3, truth == 3) > dice_of(shifted == 3, truth == 3) + 0.05
+    fusion = AtlasFusion(maps, image, SPACING)
+    edge = (shifted == 3) & (truth == 0)  # what the atlas took of the background
+    assert fusion.probability(3)[edge].max() < 0.5 < fusion.probability(3)[truth == 3].min()
+    several = [shifted, truth]
+    assert with_borders(several) is several
+
+
+def dice_of(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / float(a.sum() + b.sum())

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .fusion import fuse_with_intensity
+from .fusion import fuse_with_intensity, with_borders
 from .labels import LabelSet, load_label_set, load_mapping
 from .reference import Placements, PlacementSettings, affine_by_mutual_information, as_affine, between, from_sitk, settings_key, to_sitk
 from .trainset import read_labels
@@ -383,7 +383,7 @@ def segment(atlases: list[Atlas], target: Volume, settings: RegistrationSettings
         logger.warning("no atlas registered onto the image with matching intensities: keeping all %d", len(propagated))
         kept = list(range(len(propagated)))
     maps = [propagated[i] for i in kept]
-    return AtlasResult(fuse_with_intensity(maps, target.data, target.spacing), maps, misfit([fits[i] for i in kept]))
+    return AtlasResult(fuse_with_intensity(with_borders(maps), target.data, target.spacing), maps, misfit([fits[i] for i in kept]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

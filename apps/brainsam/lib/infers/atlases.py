@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from brainsam.atlas import Atlas, RegistrationSettings, cached, load_atlas, trusted
-from brainsam.fusion import AtlasFusion
+from brainsam.fusion import AtlasFusion, with_borders
 from brainsam.labels import LabelSet
 from brainsam.prior import builtin_atlas
 from brainsam.trainset import Subject
@@ -120,7 +120,7 @@ class AtlasVotes:
             maps = trusted([atlas for atlas, _ in found], volume, [labels for _, labels in found])
             if not maps:
                 return None
-            fusion = AtlasFusion(maps, volume.data, volume.spacing)
+            fusion = AtlasFusion(with_borders(maps), volume.data, volume.spacing)
             if len(found) == len(atlases):  # complete: later registrations cannot change it
                 self._found.put(key, fusion)
         return fusion
