@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 
 from brainsam.atlas import Atlas, RegistrationSettings, cached, load_atlas, propagate, trusted_indices, agreements
-from brainsam.fusion import AtlasFusion, grown_box
+from brainsam.fusion import AtlasFusion, grown_box, with_borders
 from brainsam.labels import CONFIGS, load_label_set, load_mapping
 from brainsam.propagation import dice
 from brainsam.reference import Placements, PlacementSettings
@@ -90,7 +90,9 @@ def run(atlases: list[Atlas], targets: list[Atlas], most: int, settings: Registr
 
 
 def fused_dice(maps: list[np.ndarray], target: Atlas, label_set) -> dict[str, float]:
-    """Dice per structure of the maps' fusion (weighed by intensity) against the target's labels."""
+    """Dice per structure of the maps' fusion (weighed by intensity; a lone map with its borders,
+    as the server fuses it) against the target's labels."""
+    maps = with_borders(maps)
     box = grown_box(np.any(np.stack([target.labels, *maps]) > 0, axis=0), 8)
     fused = AtlasFusion([m[box] for m in maps], target.volume.data[box], target.volume.spacing).labels()
     truth = target.labels[box]
