@@ -62,7 +62,7 @@ def test_a_2mm_scan_of_another_scanner_is_placed_on_the_reference_brain(tmp_path
     for name in ("Left-Thalamus", "Right-Thalamus"):
         in_reference = np.argwhere(aal.labels == labels[name].id).mean(axis=0) * np.asarray(aal.volume.spacing)
         in_subject = np.argwhere(subject.labels == labels[name].id).mean(axis=0) * np.asarray(subject.volume.spacing)
-        # measured 2-3 mm apart; the registration before placements missed by centimetres
+        # measured 1.7 / 1.9 mm apart; the registration before placements missed by centimetres
         assert np.linalg.norm(np.asarray(placement.TransformPoint(in_reference.tolist())) - in_subject) < 6.0
 
 
@@ -77,5 +77,5 @@ def test_a_freesurfer_atlas_labels_a_scan_of_another_scanner() -> None:
     target = load_atlas(target_folder / "T1.nii.gz", target_folder / "muse.nii.gz", load_mapping(CONFIGS / "mappings" / "muse.yaml"), labels)
     carried = propagate(atlas, target.volume, RegistrationSettings())
     scores = {name: dice(carried == labels[name].id, target.labels == labels[name].id) for name in ("Left-Thalamus", "Right-Thalamus", "Brain-Stem", "Right-Putamen")}
-    # measured 0.71 / 0.75 / 0.87 / 0.73 against MUSE labels (another labelling protocol)
-    assert min(scores.values()) > 0.55, scores
+    # measured 0.79 / 0.82 / 0.79 / 0.73 against MUSE labels (another labelling protocol)
+    assert min(scores.values()) > 0.6, scores
