@@ -27,10 +27,10 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from .atlas import Atlas, agreements, load_atlas, misfit, propagate
-from .auto import disagreement, refine, vote
+from .auto import compose, disagreement
 from .config import load_config
 from .engine import Engine
-from .fusion import fuse_with_intensity, grown_box
+from .fusion import AtlasFusion, fuse_with_intensity, grown_box
 from .labels import LabelSet, add_labelled_folder_arguments, load_label_set, load_mapping
 from .propagation import dice
 
@@ -110,19 +110,19 @@ def correlations(rows: list[dict]) -> dict:
 
 
 def with_sam(pairs: Pairs, labels: LabelSet, engine: Engine, targets: list[str]) -> list[dict]:
-    """Rows {subject, structure, atlas, sam, vote}: Dice of the atlases' fusion (leave one out),
-    of SAM prompted by its boxes, and of SAM voting with the atlases (brainsam.auto.vote)."""
+    """Rows {subject, structure, atlas, sam}: Dice of the atlases' fusion (leave one out) and of
+    the segmenter's automatic answer prompted by it (brainsam.auto)."""
     rows = []
     names = sorted(pairs.atlases)
     for target in targets:
         propagated, volume = pairs.onto(target, [n for n in names if n != target]), pairs.atlases[target].volume
-        fused, truth = fuse_with_intensity(propagated, volume.data, volume.spacing), pairs.atlases[target].labels
-        sam = refine(engine, pairs.atlases[target].volume, fused, labels)
-        voted = vote(propagated, fused, sam, labels, 1.0)
+        fusion = AtlasFusion(propagated, volume.data, volume.spacing)
+        fused, truth = fusion.labels(), pairs.atlases[target].labels
+        answered = compose(engine.automatic(engine.prepare(volume), fusion), fused, labels)
         for s in labels.structures:
             found = truth == s.id
-            rows.append({"subject": target, "structure": s.name, "atlas": dice(fused == s.id, found), "sam": dice(sam[s.name], found), "vote": dice(voted == s.id, found)})
-        logger.info("%s with SAM: %s", target, {k: round(float(np.mean([r[k] for r in rows if r["subject"] == target])), 3) for k in ("atlas", "sam", "vote")})
+            rows.append({"subject": target, "structure": s.name, "atlas": dice(fused == s.id, found), "sam": dice(answered == s.id, found)})
+        logger.info("%s with the segmenter: %s", target, {k: round(float(np.mean([r[k] for r in rows if r["subject"] == target])), 3) for k in ("atlas", "sam")})
     return rows
 
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/auto"), help="results.json goes here")
     parser.add_argument("--plot", type=Path, help="write the active-learning curves (PNG) here")
-    parser.add_argument("--sam", nargs="*", default=[], metavar="SUBJECT", help="also refine these subjects with SAM and compare fusions")
+    parser.add_argument("--sam", nargs="*", default=[], metavar="SUBJECT", help="also answer these subjects with the segmenter prompted by the atlases and compare")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine setting for --sam, e.g. embedding_dir=runs/embeddings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -16,6 +16,13 @@ from torch import nn
 from .weights import WeightsSource, resolve
 
 LOW_RES = 256  # side of the decoder's low-resolution logits and of its mask prompt input
+TOKENS = 64  # side of the image embedding's token grid (LOW_RES / 4) for every backbone
+
+DENSE_CHANNELS = ("prior", "has_prior", "previous", "has_previous", "positive", "negative")
+"""What brainsam's dense prompt carries per low-res pixel (brainsam.dense builds it): the atlas
+prior's logit, the answer's previous logits, and the annotator's clicks spread in 3D. SAM's own
+mask prompt is the single `previous` channel."""
+PREVIOUS = DENSE_CHANNELS.index("previous")
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,7 @@ class Backbone(nn.Module):
         self.image_encoder = model.image_encoder
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
+        widen_mask_input(self.prompt_encoder)
         self.register_buffer("pixel_mean", torch.tensor(spec.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(spec.pixel_std).view(1, 3, 1, 1), persistent=False)
 
@@ -190,10 +198,14 @@ class Backbone(nn.Module):
         point_prompt = None
         if points is not None:
             point_prompt = (points.to(device, torch.float32), point_labels.to(device, torch.int64))
+        masks = None
+        if mask_logits is not None:
+            masks = torch.zeros(len(mask_logits), len(DENSE_CHANNELS), *mask_logits.shape[-2:], device=device)
+            masks[:, PREVIOUS], masks[:, PREVIOUS + 1] = mask_logits.to(device, torch.float32), 1.0
         sparse, dense = self.prompt_encoder(
             points=point_prompt,
             boxes=None if boxes is None else boxes.to(device, torch.float32),
-            masks=None if mask_logits is None else mask_logits.to(device, torch.float32)[:, None],
+            masks=masks,
         )
         logits, iou = self.mask_decoder(
             image_embeddings=embedding.to(device)[None],
@@ -205,6 +217,61 @@ class Backbone(nn.Module):
         if logits.shape[-1] != LOW_RES:
             logits = nn.functional.interpolate(logits, size=(LOW_RES, LOW_RES), mode="bilinear", align_corners=False)
         return logits, iou
+
+
+    def decode_dense(
+        self,
+        embeddings: torch.Tensor,
+        tokens: tuple[int, int, int, int],
+        dense: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """B slices decoded on a crop of the token grid with brainsam's dense prompt.
+
+        embeddings: (B, 256, h, w), the slices' embeddings cut to `tokens` = (row0, row1, col0,
+        col1) of the 64x64 grid. dense: (B, len(DENSE_CHANNELS), 4h, 4w) on the matching crop
+        of the low-res grid. boxes: (B, 4) x0, y0, x1, y1 and points: (B, N, 2) x, y, both in
+        input pixels of the whole window, with point_labels (B, N): 1, 0, or -1 for padding.
+        Returns (logits (B, 4h, 4w), predicted IoU (B,)): the decoder's answer added to the
+        previous logits (weighted by `prompt_encoder.previous_weight`), so that an untrained
+        correction leaves the previous answer, or the prior, as it was.
+        """
+        device = self.device
+        row0, row1, col0, col1 = tokens
+        count = len(embeddings)
+        point_prompt = None if points is None else (points.to(device, torch.float32), point_labels.to(device, torch.int64))
+        sparse, _ = self.prompt_encoder(points=point_prompt, boxes=None if boxes is None else boxes.to(device, torch.float32), masks=None)
+        if len(sparse) != count:  # neither boxes nor points: no sparse prompt
+            sparse = sparse.expand(count, -1, -1)
+        dense = dense.to(device, torch.float32)
+        logits, iou = self.mask_decoder(
+            image_embeddings=embeddings.to(device, torch.float32),
+            image_pe=self.prompt_encoder.get_dense_pe()[:, :, row0:row1, col0:col1],
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=self.prompt_encoder.mask_downscaling(dense),
+            multimask_output=False,
+        )
+        previous = dense[:, PREVIOUS] * dense[:, PREVIOUS + 1]
+        return logits[:, 0] + self.prompt_encoder.previous_weight * previous, iou[:, 0]
+
+
+def widen_mask_input(prompt_encoder: nn.Module) -> None:
+    """Give SAM's mask prompt the DENSE_CHANNELS inputs, in place: the pretrained filter reads
+    `previous` (what SAM's one channel meant), the new channels start at zero, so the base
+    model answers as SAM does until training teaches it the prior and the clicks. Adds
+    `previous_weight`, how much of the previous logits the answer keeps (see decode_dense)."""
+    first = prompt_encoder.mask_downscaling[0]
+    if first.in_channels == len(DENSE_CHANNELS):
+        return
+    wide = nn.Conv2d(len(DENSE_CHANNELS), first.out_channels, first.kernel_size, first.stride)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[:, PREVIOUS] = first.weight[:, 0]
+        wide.bias.copy_(first.bias)
+    prompt_encoder.mask_downscaling[0] = wide.to(first.weight.device)
+    prompt_encoder.previous_weight = nn.Parameter(torch.ones((), device=first.weight.device))
 
 
 def load_backbone(
@@ -223,5 +290,5 @@ def load_backbone(
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state:
             state = state[key]
-    model.load_state_dict(state)
+    model.load_state_dict(state)  # SAM's own layout, widened by Backbone below
     return Backbone(name, spec, model, sha256).to(device).eval()

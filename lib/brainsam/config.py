@@ -13,6 +13,7 @@ from .labels import CONFIGS
 from .view import AXES
 
 ANISOTROPY_LIMIT = 1.5
+ANSWERS = ("segmenter", "atlases")
 
 
 @dataclass
@@ -39,8 +40,10 @@ class EngineConfig:
     seed_refinements: times the seed slice is re-prompted with the box of its own mask.
     extent_scale: scale of the structure's typical size when a click is grown into a box.
     walk_scale: how far (in typical sizes) propagation may go from a lone click.
-    vote_radius_mm: how far from a corrective click an answer guided by atlases changes
-    (brainsam.votes); at 5 mm corrections overshot on caudate, hippocampus and amygdala (README).
+    vote_radius_mm: how far from a corrective click the atlases' vote moves when it answers on
+    its own (answer "atlases").
+    answer: what answers where registered atlases are known: "segmenter" (the LoRA-SAM prompted
+    by them, brainsam.segmenter) or "atlases" (their vote alone, brainsam.votes: an ablation).
     """
 
     backbone: str = "litemedsam"
@@ -65,6 +68,11 @@ class EngineConfig:
     extent_scale: float = 1.0
     walk_scale: float = 1.5
     vote_radius_mm: float = 3.0
+    answer: str = "segmenter"
+
+    def __post_init__(self) -> None:
+        if self.answer not in ANSWERS:
+            raise ValueError(f"answer must be one of {', '.join(ANSWERS)}, got {self.answer!r}")
 
     def axis_for(self, spacing: tuple[float, float, float]) -> str:
         """The working axis for a volume: the configured one, unless voxels are strongly

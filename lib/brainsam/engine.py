@@ -9,21 +9,59 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from cachetools import LRUCache
 
 from .adapters import load_adapter
 from .backbones import Backbone, load_backbone
 from .cache import EmbeddingCache
 from .config import EngineConfig
+from .fusion import AtlasFusion, any_label
 from .labels import LabelSet, load_label_set
 from .predictor import PreparedImage, Predictor, Segmentation
-from .prompts import parse_points, parse_roi, points_to_view
+from .prompts import ViewBox, parse_points, parse_roi, points_to_view
+from .segmenter import WINDOW_MARGIN_MM, WINDOW_SNAP_MM, Answer, Segmenter, grid_spacing
+from .view import SliceView, Window
 from .volume import Volume, load_volume
 from .votes import VoteShare, correct, first_answer, outside_of
 
 logger = logging.getLogger(__name__)
+
+PROMPTS_KEPT = 4
+"""Images whose atlas prompts (the fusion and its window) the engine keeps."""
+
+
+@dataclass(frozen=True)
+class AtlasPrompt:
+    """The registered atlases as the segmenter's prompt on one image: their fusion and the
+    deep-brain window their labels imply (every structure of the image shares its embeddings)."""
+
+    fusion: AtlasFusion
+    window: Window
+
+    @classmethod
+    def of(cls, view: SliceView, fusion: AtlasFusion) -> "AtlasPrompt":
+        region = view.to_view(any_label(fusion.propagated))
+        return cls(fusion, view.window_round(region, WINDOW_MARGIN_MM, WINDOW_SNAP_MM))
+
+    def prior(self, image: PreparedImage, label_id: int, roi: ViewBox | None) -> VoteShare | None:
+        """The structure's probability on the view, cut to the roi; None where no atlas has it."""
+        probability = image.view.to_view(self.fusion.probability(label_id))
+        if roi is not None:
+            probability[outside_of(roi.region, probability.shape)] = 0
+        return VoteShare.of(probability)
+
+
+def holds(prior: VoteShare, click: np.ndarray | None, roi: ViewBox | None) -> bool:
+    """Whether the atlases' answer is where the annotator points: their probability is above
+    zero at the first foreground click, or (without one) inside the roi."""
+    if click is not None:
+        return prior.region(tuple(slice(int(c), int(c) + 1) for c in click)).item() > 0
+    return roi is not None
 
 
 class Engine:
@@ -41,6 +79,7 @@ class Engine:
             logger.info("adapter %s loaded (created %s)", adapter, self.manifest.get("created"))
         self.backbone.eval()
         self.predictor = Predictor(self.backbone, config, cache, identity)
+        self._prompts: LRUCache = LRUCache(PROMPTS_KEPT)
 
     def prepare(self, volume: Volume) -> PreparedImage:
         """Ready a volume for prompting (slice view, field of view)."""
@@ -74,34 +113,76 @@ class Engine:
         foreground: object = None,
         background: object = None,
         roi: object = None,
-        votes: np.ndarray | None = None,
-    ) -> Segmentation:
+        atlases: AtlasFusion | None = None,
+    ) -> Segmentation | Answer:
         """First answer for structure `label` from stored-index clicks and/or a Slicer ROI.
 
-        votes: canonical probability per voxel of the structure by registered atlases
-        (brainsam.fusion.AtlasFusion.probability). Where its majority (above 1/2) holds the
-        first foreground click (or, without clicks, meets the ROI), its piece there is the
-        first answer, later clicks correct it along the vote (brainsam.votes); elsewhere the
-        model answers.
+        atlases: the labelled images registered onto this one (brainsam.fusion). Their
+        probability of the structure prompts the segmenter (brainsam.segmenter) wherever it
+        holds the first foreground click (or, without clicks, meets the ROI); elsewhere, and
+        without atlases, the model answers from the clicks and box alone (brainsam.predictor).
+        With `config.answer` "atlases" their vote answers on its own (brainsam.votes): an ablation.
 
         Raises KeyError for an unknown label and PromptError for unusable prompts.
         """
         structure = self.labels[label]
         fg, bg = self._clicks(image, foreground, background)
         box = None if roi is None else parse_roi(roi, image.volume, image.view)
-        guide = None if votes is None else VoteShare.of(image.view.to_view(votes))
-        answer = None if guide is None else first_answer(guide, fg[0] if len(fg) else None, box.region if box else None)
-        if answer is None:
+        prompt = None if atlases is None else self.atlas_prompt(image, atlases)
+        prior = None if prompt is None else prompt.prior(image, structure.id, box)
+        if prior is not None and not holds(prior, fg[0] if len(fg) else None, box):
+            prior = None
+        if prior is None:
             return self.predictor.segment(image, structure.extent_mm, fg, bg, box)
-        state = self.predictor.adopt(image, answer, fg[:1], box, guide)
-        return self._correct(image, state, fg[1:], bg) if len(fg) > 1 or len(bg) else state
+        if self.config.answer == "atlases":
+            return self._vote(image, prior, fg, bg, box)
+        segmenter = self.segmenter(image, prompt.window)
+        clicks = [segmenter.to_click(p, True) for p in fg] + [segmenter.to_click(p, False) for p in bg]
+        answer = segmenter.first(prior, clicks[:1], box)
+        return segmenter.correct(answer, clicks[1:]) if len(clicks) > 1 else answer
 
-    def refine(self, image: PreparedImage, state: Segmentation, foreground: object = None, background: object = None) -> Segmentation:
-        """Apply corrective stored-index clicks to an earlier segmentation."""
+    def refine(self, image: PreparedImage, state: Segmentation | Answer, foreground: object = None, background: object = None) -> Segmentation | Answer:
+        """Apply corrective stored-index clicks to an earlier answer."""
         fg, bg = self._clicks(image, foreground, background)
+        if isinstance(state, Answer):
+            segmenter = self.segmenter(image, state.window)
+            return segmenter.correct(state, [segmenter.to_click(p, True) for p in fg] + [segmenter.to_click(p, False) for p in bg])
         if state.votes is None:
             return self.predictor.refine(image, state, fg, bg)
         return self._correct(image, state, fg, bg)
+
+    def automatic(self, image: PreparedImage, atlases: AtlasFusion) -> dict[str, np.ndarray]:
+        """Every structure the atlases hold, answered by the segmenter without a click:
+        structure name -> canonical boolean mask."""
+        prompt = self.atlas_prompt(image, atlases)
+        segmenter = self.segmenter(image, prompt.window)
+        out = {}
+        for structure in self.labels.structures:
+            prior = prompt.prior(image, structure.id, None)
+            if prior is not None:
+                out[structure.name] = self.canonical_mask(image, segmenter.first(prior, [], None)) > 0
+        return out
+
+    def segmenter(self, image: PreparedImage, window: Window) -> Segmenter:
+        """The segmenter on `image` in `window`, its slice embeddings from this engine's caches."""
+        def embeddings(indices: list[int]) -> torch.Tensor:
+            return torch.stack(self.predictor.embeddings(image, window, indices))
+
+        return Segmenter(self.backbone, window, image.view.shape[0], grid_spacing(image.view.spacing, window), embeddings, self.predictor.timings, self.predictor.counts)
+
+    def atlas_prompt(self, image: PreparedImage, atlases: AtlasFusion) -> AtlasPrompt:
+        """The atlases as prompts on `image`, kept while the same fusion is asked again."""
+        key = (image.volume.content_hash, id(atlases))
+        found = self._prompts.get(key)
+        if found is None or found.fusion is not atlases:
+            found = self._prompts[key] = AtlasPrompt.of(image.view, atlases)
+        return found
+
+    def _vote(self, image: PreparedImage, prior: VoteShare, foreground: np.ndarray, background: np.ndarray, box: ViewBox | None) -> Segmentation:
+        """The atlases' vote answering on its own (the ablation of the segmenter)."""
+        answer = first_answer(prior, foreground[0] if len(foreground) else None, box.region if box else None)
+        state = self.predictor.adopt(image, answer, foreground[:1], box, prior)
+        return self._correct(image, state, foreground[1:], background) if len(foreground) > 1 or len(background) else state
 
     def _correct(self, image: PreparedImage, state: Segmentation, foreground: np.ndarray, background: np.ndarray) -> Segmentation:
         """Corrective view-space clicks applied along the atlases' vote (brainsam.votes),
@@ -116,11 +197,11 @@ class Engine:
         state.paint(mask)
         return state
 
-    def canonical_mask(self, image: PreparedImage, state: Segmentation) -> np.ndarray:
+    def canonical_mask(self, image: PreparedImage, state: Segmentation | Answer) -> np.ndarray:
         """The segmentation as a uint8 mask in canonical (R, A, S) order."""
         return image.view.from_view(state.stack(image.view.shape))
 
-    def stored_mask(self, image: PreparedImage, state: Segmentation) -> np.ndarray:
+    def stored_mask(self, image: PreparedImage, state: Segmentation | Answer) -> np.ndarray:
         """The segmentation as a uint8 mask on the image's stored grid."""
         return image.volume.to_stored(self.canonical_mask(image, state))
 

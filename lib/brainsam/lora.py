@@ -53,8 +53,8 @@ def add_lora(backbone: Backbone, settings: LoraSettings) -> LoraSettings:
         if unknown:
             raise ValueError(f"lora blocks {unknown} do not exist; the encoder has {len(names)} attention blocks")
         names = [names[b] for b in settings.blocks]
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=names)
-    inject_adapter_in_model(config, backbone.image_encoder)
+    if names:  # no block: the encoder stays as it is, only the prompt encoder and decoder train
+        inject_adapter_in_model(LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=names), backbone.image_encoder)
     if settings.decoder_lora:
         decoder_names = [n for n, _ in backbone.mask_decoder.named_modules() if n.split(".")[-1] in DECODER_TARGETS]
         inject_adapter_in_model(

@@ -68,8 +68,7 @@ class EngineSession:
         began = time.perf_counter()
         fg, bg = prompts.foreground[self.seen[0] :], prompts.background[self.seen[1] :]
         if self.state is None:
-            votes = self.atlases.probability(self.engine.labels[prompts.label].id) if self.atlases is not None else None
-            self.state = self.engine.segment(self.image, prompts.label, fg, bg, prompts.roi, votes)
+            self.state = self.engine.segment(self.image, prompts.label, fg, bg, prompts.roi, self.atlases)
         else:
             self.state = self.engine.refine(self.image, self.state, fg, bg)
         mask = self.engine.stored_mask(self.image, self.state) > 0

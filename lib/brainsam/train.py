@@ -1,14 +1,19 @@
-"""LoRA fine-tuning on labelled subjects, validated on held-out ones, published as an adapter.
+"""LoRA fine-tuning of the segmenter on labelled subjects, validated on held-out ones, published
+as an adapter.
 
     python -m brainsam.train ../shared/data/fs-aseg --mapping configs/mappings/aseg.yaml \
         --out runs/adapters [--config litemedsam] [--set iterations=50 ...]
 
-The image encoder is frozen except LoRA updates of chosen attention blocks; prompt encoder and
-mask decoder are fine-tuned. AdamW, a linear warm-up ("preheating") then cosine or poly decay.
-Each step takes one cached training slice, decodes a simulated prompt for several structures on
-it, then corrective-click rounds with the previous logits fed back; the loss is Dice + focal on
-the low-resolution logits plus the squared error of the predicted IoU. The adapter that scores
-best on the held-out slices is published, and only if it beats the model it would replace.
+Training teaches exactly the use the server makes of the model (brainsam.segmenter): each
+labelled subject gets its prior from the other labelled subjects registered onto it (leave one
+out, brainsam.cases), sometimes shifted as a poorer registration would be; a step decodes a
+slab of a structure's slices from that prior, the robot's first click (most of the time), then
+rounds of the robot's corrective clicks on the model's own previous answer, fed back. The image
+encoder is frozen except LoRA updates of chosen attention blocks, whose frozen input is computed
+once per slice; prompt encoder and mask decoder are fine-tuned. AdamW, a linear warm-up
+("preheating"), then cosine or poly decay. The adapter that scores best on the held-out subjects
+(Dice after the first click and after two corrections) is published, and only if it beats the
+model it would replace.
 """
 
 from __future__ import annotations
@@ -23,27 +28,25 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.losses import DiceFocalLoss
+from monai.losses import DiceCELoss
 
 from .activations import SplitEncoder
 from .adapters import AdapterError, build_manifest, load_adapter, lora_settings_of, save_adapter
-from .backbones import LOW_RES, Backbone, load_backbone
+from .backbones import Backbone, load_backbone
+from .cases import TrainingCase, build_cases
 from .config import EngineConfig, load_config, read_yaml_config, with_overrides
+from .dense import Click, first_previous
 from .labels import LabelSet, load_label_set, load_mapping
 from .lora import LoraSettings, add_lora, count_parameters, trainable_state
-from .simulation import Prompt, corrective_click, jittered_box, mask_box, prior_sized_box
-from .trainset import Augmentation, Subject, TrainingSlice, build_slices
+from .segmenter import Segmenter, decode, support_box
+from .simulation import corrective_click, first_click, shifted
+from .trainset import Subject
 
 logger = logging.getLogger(__name__)
-
-PROPAGATION_MARGIN_PX = 2.0
-"""Slack of the tight validation box: propagation prompts with the neighbour's box plus a margin."""
-
 
 @dataclass
 class TrainSettings:
@@ -52,30 +55,34 @@ class TrainSettings:
     engine_config: the backbone config it trains (configs/backbones). lora: LoraSettings fields.
     learning_rate, weight_decay: AdamW. warmup_iterations: linear ramp from zero.
     schedule: decay after warm-up, cosine or poly. iterations: optimisation steps.
-    max_minutes: time budget of the whole run (slices, steps, validation).
-    structures_per_step: prompts per slice and step.
-    click_rounds: corrective-click rounds after the first prompt. slices_per_subject,
-    validation_slices_per_subject: slices sampled per subject. validate_every: steps between
-    validations. validation_fraction: held-out share of subjects. augment: random rotation,
-    zoom, gamma, contrast and left-right mirror. publish_if_better: publish only an adapter that
-    beats where training started (else the last one). seed: of every random draw.
+    max_minutes: time budget of the whole run (registrations, encoding, steps, validation).
+    slab: a step decodes the slices this far either side of a random one of a structure's.
+    click_rounds: most corrective-click rounds after the first answer in a step.
+    first_click: how often a step's first answer has the robot's first click.
+    shift, shift_slices, shift_pixels: how often, and by how much at most, a step's prior is
+    moved (a poorer registration). atlases: most labelled subjects registered onto each one.
+    validate_every: steps between validations. validation_fraction: held-out share of subjects.
+    publish_if_better: publish only an adapter that beats where training started (else the last
+    one). seed: of every random draw.
     """
 
     engine_config: str = "litemedsam"
     lora: dict[str, Any] = dataclasses.field(default_factory=dict)
     learning_rate: float = 3e-4
     weight_decay: float = 0.01
-    warmup_iterations: int = 25
+    warmup_iterations: int = 50
     schedule: str = "cosine"
-    iterations: int = 300
+    iterations: int = 1000
     max_minutes: float = 28.0
-    structures_per_step: int = 4
+    slab: int = 3
     click_rounds: int = 2
-    slices_per_subject: int = 24
-    validation_slices_per_subject: int = 8
-    validate_every: int = 100
+    first_click: float = 0.7
+    shift: float = 0.3
+    shift_slices: int = 1
+    shift_pixels: int = 4
+    atlases: int = 5
+    validate_every: int = 250
     validation_fraction: float = 0.2
-    augment: bool = True
     publish_if_better: bool = True
     seed: int = 0
 
@@ -131,74 +138,11 @@ def split_subjects(subjects: list[Subject], fraction: float) -> tuple[list[Subje
     return ordered[: len(ordered) - held], ordered[len(ordered) - held :]
 
 
-def decode_prompts(backbone: Backbone, embedding: torch.Tensor, prompts: list[Prompt], mask_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode prompts (one per structure) against one slice embedding -> (logits (B, T, T), IoU (B,)).
-
-    Click lists of unequal length are padded with SAM's 'not a point' label -1."""
-    scale = backbone.input_size / LOW_RES
-    parts = [p.for_model(scale) for p in prompts]
-    boxes = torch.stack([p["box"] for p in parts]) if parts[0]["box"] is not None else None
-    count = max(len(p.points) for p in prompts)
-    points = labels = None
-    if count:
-        points = torch.zeros(len(prompts), count, 2)
-        labels = torch.full((len(prompts), count), -1, dtype=torch.int64)
-        for row, part in enumerate(parts):
-            if part["points"] is not None:
-                points[row, : len(part["points"])] = part["points"]
-                labels[row, : len(part["points"])] = part["point_labels"]
-    logits, iou = backbone.decode_batch(embedding, points, labels, boxes, mask_logits)
-    return logits[:, 0], iou[:, 0]
-
-
-def first_prompts(slice_: TrainingSlice, names: list[str], rng: np.random.Generator | None) -> list[Prompt]:
-    """The first prompt per structure. Training (rng given): a jittered tight box or a box of
-    typical size round the structure's interior, half and half. Validation (rng None): both
-    kinds, unjittered, the tight one first."""
-    prompts = []
-    for name in names:
-        truth = slice_.targets[name].numpy()
-        if rng is None:
-            prompts.append(Prompt(grown_box(mask_box(truth), PROPAGATION_MARGIN_PX, truth.shape[0])))
-            prompts.append(Prompt(prior_sized_box(truth, slice_.half_extent_px[name], np.random.default_rng(0), shift_px=0.0)))
-        elif rng.random() < 0.5:
-            prompts.append(Prompt(jittered_box(truth, rng)))
-        else:
-            prompts.append(Prompt(prior_sized_box(truth, slice_.half_extent_px[name], rng)))
-    return prompts
-
-
-def grown_box(box: np.ndarray, margin: float, size: int) -> np.ndarray:
-    """A box with every side moved out by `margin` pixels, kept inside the grid."""
-    return np.clip(box + np.array([-margin, -margin, margin, margin]), 0, size).astype(np.float32)
-
-
-def with_corrections(prompts: list[Prompt], truths: list[np.ndarray], logits: torch.Tensor) -> list[Prompt]:
-    """Each prompt plus the robot's next click on its current prediction (none if it is perfect)."""
-    out = []
-    for prompt, truth, current in zip(prompts, truths, logits):
-        click = corrective_click(truth, (current > 0).cpu().numpy())
-        out.append(prompt if click is None else prompt.with_click(*click))
-    return out
-
-
-def soft_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Dice of thresholded predictions per row: logits and boolean targets (B, T, T) -> (B,)."""
-    predicted = logits > 0
-    overlap = (predicted & targets).sum(dim=(1, 2)).float()
-    total = (predicted.sum(dim=(1, 2)) + targets.sum(dim=(1, 2))).float()
-    return torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total))
-
-
-def iou_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """IoU of thresholded predictions per row (B,), the target of the IoU head."""
-    predicted = logits > 0
-    union = (predicted | targets).sum(dim=(1, 2)).float()
-    return (predicted & targets).sum(dim=(1, 2)).float() / union.clamp(min=1)
-
-
 class Trainer:
-    """One training run: slices, the optimisation loop, validation, the best trainable state."""
+    """One training run: cases, the optimisation loop, validation, the best trainable state.
+
+    cache: the registration cache (the server's), so labelled subjects are registered onto each
+    other once across runs."""
 
     def __init__(
         self,
@@ -209,17 +153,21 @@ class Trainer:
         progress: Progress | None = None,
         device: str | None = None,
         start_from: Path | None = None,
+        cache: Path | None = None,
     ):
         self.settings = settings
         self.engine_config = engine_config
         self.labels = labels
+        self.subjects = subjects
         self.train_subjects, self.held_out = split_subjects(subjects, settings.validation_fraction)
         self.progress = progress or Progress(None)
         self.device = device or engine_config.device
+        self.cache = cache
         self.backbone, self.lora, self.started_from = self._adapted_backbone(start_from)
         self.split = SplitEncoder(self.backbone)
-        self.loss = DiceFocalLoss(sigmoid=True)
+        self.loss = DiceCELoss(sigmoid=True, batch=True)
         self.rng = np.random.default_rng(settings.seed)
+        self._first_clicks: dict[int, Click | None] = {}
 
     def _adapted_backbone(self, start_from: Path | None) -> tuple[Backbone, LoraSettings, Path | None]:
         """The backbone with LoRA layers: continuing from adapter `start_from` (with its LoRA
@@ -237,6 +185,11 @@ class Trainer:
                 backbone = load_backbone(config.backbone, config.checkpoint, config.checkpoint_dir, self.device)
         return backbone, add_lora(backbone, self.settings.lora_settings()), None
 
+    def cases(self, subjects: list[Subject]) -> list[TrainingCase]:
+        """Training cases of `subjects`, priors from the other labelled subjects."""
+        activations = None if self.cache is None else self.cache.parent / "train_activations"
+        return build_cases(subjects, self.subjects, self.settings.atlases, self.split, self.engine_config, self.labels, self.cache, activations)
+
     def run(self) -> tuple[dict[str, torch.Tensor] | None, TrainResult]:
         """Train, validating every `validate_every` steps and at the end.
 
@@ -245,17 +198,18 @@ class Trainer:
         baseline) and the result summary.
         """
         began = time.perf_counter()
-        augmentation = Augmentation() if self.settings.augment else None
-        train = build_slices(self.train_subjects, self.split, self.engine_config, self.labels, self.settings.slices_per_subject, self.settings.seed, augmentation)
+        if len(self.subjects) < 2:
+            raise ValueError("training needs two labelled images or more: each one's prior comes from the others registered onto it")
+        train = self.cases(self.train_subjects)
         if not train:
-            raise ValueError("no labelled slices to train on: the labels hold none of the label set's structures")
-        held = build_slices(self.held_out, self.split, self.engine_config, self.labels, self.settings.validation_slices_per_subject, self.settings.seed + 1, None)
+            raise ValueError("no training case: the labelled images hold none of the label set's structures, or none could be read")
+        held = self.cases(self.held_out)
         trainable, total = count_parameters(self.backbone)
-        self.progress.update(phase="training", train_slices=len(train), validation_slices=len(held), train_subjects=[s.name for s in self.train_subjects],
+        self.progress.update(phase="training", train_cases=len(train), validation_cases=len(held), train_subjects=[s.name for s in self.train_subjects],
                              held_out_subjects=[s.name for s in self.held_out], trainable_parameters=trainable, total_parameters=total,
-                             slices_s=round(time.perf_counter() - began, 1))
+                             cases_s=round(time.perf_counter() - began, 1))
         if not held:
-            logger.warning("no held-out subject (one labelled subject): the last step is published unvalidated")
+            logger.warning("no held-out subject: the last step is published unvalidated")
         validation_began = time.perf_counter()
         baseline = self.validate(held) if held else {"score": -1.0}
         validation_s = time.perf_counter() - validation_began
@@ -285,60 +239,79 @@ class Trainer:
                 self.progress.update(best=best, last_validation={"step": step, **scores}, validations=validations)
             elif step % 10 == 0:
                 logger.info("step %d/%d: loss %.4f, lr %.2e, %.0f s", step, self.settings.iterations, float(loss.detach()), lr, time.perf_counter() - began)
-            self.progress.update(iteration=step, iterations=self.settings.iterations, loss=float(loss.detach()), elapsed_s=round(time.perf_counter() - began, 1))
+            steps_s = step / max(time.perf_counter() - loop_began, 1e-9)
+            self.progress.update(iteration=step, iterations=self.settings.iterations, loss=float(loss.detach()), steps_per_s=round(steps_s, 3),
+                                 elapsed_s=round(time.perf_counter() - began, 1))
             if out_of_time:
                 logger.info("time budget of %.0f min reached at step %d", self.settings.max_minutes, step)
                 break
         result = TrainResult(None, baseline, best, step, time.perf_counter() - began, trainable, total)
         return best_state, result
 
-    def step(self, slice_: TrainingSlice) -> torch.Tensor:
-        """Loss of one slice: first prompts and corrective rounds for up to `structures_per_step` structures."""
-        names = list(slice_.targets)
-        if len(names) > self.settings.structures_per_step:
-            names = [names[i] for i in self.rng.choice(len(names), self.settings.structures_per_step, replace=False)]
-        truths = [slice_.targets[n].numpy() for n in names]
-        targets = torch.stack([slice_.targets[n] for n in names]).to(self.backbone.device)
-        with autocast(self.backbone.device):
-            embedding = self.split.above(slice_.activations)[0]
-            prompts = first_prompts(slice_, names, self.rng)
-            previous, total = None, 0.0
-            for _ in range(self.settings.click_rounds + 1):
-                if previous is not None:
-                    prompts = with_corrections(prompts, truths, previous)
-                logits, iou = decode_prompts(self.backbone, embedding, prompts, previous)
-                segmentation = self.loss(logits[:, None].float(), targets[:, None].float())
-                total = total + segmentation + F.mse_loss(iou.float(), iou_of(logits.detach(), targets))
-                previous = logits.detach()
-        return total / (self.settings.click_rounds + 1)
+    def step(self, case: TrainingCase) -> torch.Tensor:
+        """Loss of one slab of a case: the first answer, then corrective rounds on it."""
+        settings, rng = self.settings, self.rng
+        centre = int(rng.integers(len(case.slices)))
+        positions = list(range(max(centre - settings.slab, 0), min(centre + settings.slab + 1, len(case.slices))))
+        slices = [case.slices[p] for p in positions]
+        row0, row1, col0, col1 = case.tokens
+        embeddings = self.split.above(case.subject.of(slices))[:, :, row0:row1, col0:col1]
+        prior = case.prior[positions]
+        if rng.random() < settings.shift:
+            prior = shifted(prior, rng, settings.shift_slices, settings.shift_pixels)
+        box = support_box(prior, case.tokens)
+        first = self._first_click(case)
+        clicks = [first] if first is not None and rng.random() < settings.first_click else []
+        target = torch.as_tensor(case.truth[positions], dtype=torch.float32, device=embeddings.device)[None, None]
+        previous, total = first_previous(prior), 0.0
+        rounds = 1 + int(rng.integers(settings.click_rounds + 1))
+        for round_ in range(rounds):
+            logits = decode(self.backbone, embeddings, case.tokens, slices, prior, previous, clicks, box, case.subject.grid_mm)
+            total = total + self.loss(logits[None, None], target)
+            click = corrective_click(case, positions, logits.detach()) if round_ < rounds - 1 else None
+            if click is None:
+                break
+            clicks.append(click)
+            previous = logits.detach().cpu()
+        return total / (round_ + 1)
+
+    def _first_click(self, case: TrainingCase) -> Click | None:
+        key = id(case)
+        if key not in self._first_clicks:
+            self._first_clicks[key] = first_click(case)
+        return self._first_clicks[key]
 
     @torch.no_grad()
-    def validate(self, slices: list[TrainingSlice]) -> dict[str, float]:
-        """Mean Dice on held-out slices: tight box; typical-size box round the interior (a first
-        click); that plus two robot corrections. score: the mean of the three."""
-        scores: dict[str, list[float]] = {"box": [], "click_1": [], "click_3": []}
-        for slice_ in slices:
-            names = list(slice_.targets)
-            embedding = self.split.above(slice_.activations)[0]
-            prompts = first_prompts(slice_, names, None)
-            targets = torch.stack([slice_.targets[n] for n in names for _ in (0, 1)])
-            logits, _ = decode_prompts(self.backbone, embedding, prompts, None)
-            dice = soft_dice(logits.cpu(), targets)
-            scores["box"] += dice[0::2].tolist()
-            scores["click_1"] += dice[1::2].tolist()
-            clicks, truths, current = prompts[1::2], [t.numpy() for t in targets[1::2]], logits[1::2]
+    def validate(self, cases: list[TrainingCase]) -> dict[str, float]:
+        """Mean Dice (on the cases' crops of the low-res grid) of the first answer to the robot's
+        first click, and after two corrections; score: the mean of the two."""
+        scores: dict[str, list[float]] = {"click_1": [], "click_3": []}
+        embedded: dict[str, torch.Tensor] = {}
+        for case in cases:
+            subject = case.subject
+            if subject.name not in embedded:
+                embedded = {subject.name: torch.cat([self.split.above(subject.activations[i : i + 8].float()).cpu() for i in range(0, len(subject.activations), 8)])}
+            segmenter = Segmenter(self.backbone, subject.window, subject.n_slices, subject.grid_mm, lambda indices: embedded[subject.name][[i - subject.first for i in indices]])
+            answer = case.answer()
+            first = self._first_click(case)
+            answer.clicks = [first] if first is not None else []
+            segmenter.decode(answer, list(range(len(answer.slices))), fresh=True)
+            scores["click_1"].append(dice(case.logits_of(answer) > 0, case.truth))
             for _ in range(2):
-                clicks = with_corrections(clicks, truths, current)
-                current, _ = decode_prompts(self.backbone, embedding, clicks, current)
-            scores["click_3"] += soft_dice(current.cpu(), targets[1::2]).tolist()
+                click = corrective_click(case, list(range(len(case.slices))), case.logits_of(answer))
+                if click is not None:
+                    segmenter.correct(answer, [click])
+            scores["click_3"].append(dice(case.logits_of(answer) > 0, case.truth))
         means = {key: float(np.mean(values)) if values else 0.0 for key, values in scores.items()}
         means["score"] = float(np.mean(list(means.values())))
         return means
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """bfloat16 mixed precision on a GPU; full precision on CPU, where bf16 is slower here."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def dice(predicted: torch.Tensor, truth: np.ndarray) -> float:
+    """Dice of a boolean prediction with a boolean truth of the same shape (1 when both are empty)."""
+    predicted = predicted.cpu().numpy()
+    total = predicted.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * (predicted & truth).sum() / total)
 
 
 class LearningRate:
@@ -398,14 +371,16 @@ def train_and_publish(
     folder: Path,
     engine_overrides: dict[str, Any] | None = None,
     start_from: Path | None = None,
+    cache: Path | None = None,
 ) -> TrainResult:
     """A whole run: train (from adapter `start_from` if given), publish the best adapter into
-    `folder` if it beats where training started on the held-out slices, keep
-    `folder`/train_stats.json current. A run that fails or is killed publishes nothing."""
+    `folder` if it beats where training started on the held-out subjects, keep
+    `folder`/train_stats.json current. A run that fails or is killed publishes nothing.
+    cache: the registration cache the labelled subjects' priors come from and go to."""
     progress = Progress(folder / "train_stats.json", subjects=len(subjects), settings=dataclasses.asdict(settings))
     try:
         engine_config = load_config(settings.engine_config, **(engine_overrides or {}))
-        trainer = Trainer(settings, engine_config, labels, subjects, progress, start_from=start_from)
+        trainer = Trainer(settings, engine_config, labels, subjects, progress, start_from=start_from, cache=cache)
         state, result = trainer.run()
         if state is not None:
             result.published = publish(trainer, state, result, folder)
@@ -443,6 +418,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training setting")
     parser.add_argument("--device", help="torch device (default: the engine config's)")
     parser.add_argument("--out", type=Path, required=True, help="folder the adapter and train_stats.json go to")
+    parser.add_argument("--atlas-cache", type=Path, default=Path("runs/atlas_cache"), help="where registrations of the subjects onto each other are kept")
     return parser.parse_args(argv)
 
 
@@ -451,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_train_settings(args.config, **dict(item.split("=", 1) for item in args.set))
     subjects = [s for s in subjects_in(args.folder, args.image, args.labels, load_mapping(args.mapping)) if not args.subjects or s.name in args.subjects]
-    result = train_and_publish(subjects, settings, load_label_set(), args.out, {"device": args.device} if args.device else None)
+    result = train_and_publish(subjects, settings, load_label_set(), args.out, {"device": args.device} if args.device else None, cache=args.atlas_cache)
     print(json.dumps(dataclasses.asdict(result), indent=1, default=str))
     return 0
 

@@ -9,6 +9,7 @@ every structure share the cached slice embeddings.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,6 +110,20 @@ class SliceView:
         inside = [i for i in range(self.shape[0]) if abs(i - centre) <= reach]
         return sorted(inside, key=lambda i: abs(i - centre))
 
+    def window_round(self, region: np.ndarray, margin_mm: float, snap_mm: float) -> Window:
+        """Square field of view holding a [slice, row, col] boolean `region` of the stack with
+        `margin_mm` to spare, its side rounded up to and its centre snapped to `snap_mm`, so that
+        a region that moves a little (another set of atlases) keeps the same window, and the
+        same slice embeddings."""
+        rows, cols = np.nonzero(region.any(axis=0))
+        if not rows.size:
+            raise ValueError("the region is empty: no window holds it")
+        extent = max((rows.max() - rows.min() + 1) * self.spacing[1], (cols.max() - cols.min() + 1) * self.spacing[2])
+        side_mm = math.ceil((extent + 2 * margin_mm) / snap_mm) * snap_mm
+        centre_mm = [round((low + high) / 2 * mm / snap_mm) * snap_mm for low, high, mm in ((rows.min(), rows.max(), self.spacing[1]), (cols.min(), cols.max(), self.spacing[2]))]
+        height, width = int(round(side_mm / self.spacing[1])), int(round(side_mm / self.spacing[2]))
+        return Window(int(round(centre_mm[0] / self.spacing[1] - height / 2)), int(round(centre_mm[1] / self.spacing[2] - width / 2)), height, width)
+
     def window_for(self, base: Window, rows: tuple[int, int], cols: tuple[int, int]) -> Window:
         """`base`, shifted by whole quarters of its size until it holds the given pixel ranges.
 
@@ -161,6 +176,22 @@ def resample(image: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> t
     tensor = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None]
     shape = (size, size) if isinstance(size, int) else size
     return F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False)[0, 0]
+
+
+def to_grid(stack: np.ndarray, window: Window, size: int) -> torch.Tensor:
+    """The window of every slice of a [slice, row, col] stack resampled to (slices, size, size)."""
+    crops = np.stack([crop_pixels(plane, window) for plane in stack]) if len(stack) else np.zeros((0, window.height, window.width))
+    tensor = torch.as_tensor(crops, dtype=torch.float32)[:, None]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def from_grid(grid: torch.Tensor, window: Window, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of `to_grid` for values > 0: (slices, size, size) -> boolean (slices, *shape) slices."""
+    back = F.interpolate(grid[:, None].float(), size=(window.height, window.width), mode="bilinear", align_corners=False)[:, 0] > 0
+    out = np.zeros((len(grid), *shape), dtype=bool)
+    for plane, patch in zip(out, back.numpy()):
+        paste_pixels(plane, patch, window)
+    return out
 
 
 def to_model_xy(rows: np.ndarray, cols: np.ndarray, window: Window, size: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-ENGINE_OVERRIDES = ("device", "cache_mb", "checkpoint", "embedding_disk_mb", "precompute_mm")
+ENGINE_OVERRIDES = ("device", "cache_mb", "checkpoint", "embedding_disk_mb", "precompute_mm", "answer")
 """--conf keys passed through to the engine config as overrides."""
 STORED_CACHE_MB = "512"
 """Default memory cache bound when embeddings persist on disk: a stored slice reloads in ~5 ms,
@@ -42,11 +42,10 @@ class BrainSam(TaskConfig):
     labels: label set YAML; default configs/labels/freesurfer_subcortical.yaml.
     train_config: training settings in configs/training, or a YAML path; default the one named
         like the engine config, else litemedsam's (always applied to the served backbone).
-    auto_refine: whether the automatic model (brainsam_auto) refines the atlases' answer with
-        SAM by default; default false (measured: see README, "Automatic first pass").
-    guide_atlases: whether the interactive model starts from the atlases registered already
-        (by uncertainty scoring or brainsam_auto) where they hold the first click, and corrects
-        along their vote (brainsam.votes); default true (measured: README, "Atlas-guided clicks").
+    guide_atlases: whether the atlases registered already (by uncertainty scoring or
+        brainsam_auto) prompt the segmenter where they hold the first click; default true.
+    answer: "segmenter" (default) or "atlases": with "atlases" their vote answers on its own
+        (brainsam.votes), the ablation of the segmenter.
     auto_atlases: most labelled images registered per image by the automatic model; default 5.
     atlas_cache: folder keeping each registration's labels; default <app>/model/atlas_cache.
     uncertainty_budget_s: seconds one uncertainty scoring run may start new images for; 300.
@@ -72,7 +71,6 @@ class BrainSam(TaskConfig):
         # training publishes where inference looks, unless that is a single file or `none`
         watched = self.path is not None and self.path.suffix != ".safetensors"
         self.adapter_folder = self.path if watched else Path(model_dir) / name
-        self.auto_refine = conf.get("auto_refine", "false").lower() == "true"
         self.guide_atlases = conf.get("guide_atlases", "true").lower() == "true"
         self.atlas_pool = AtlasPool(self.label_set, int(conf.get("auto_atlases", 5)))
         self.atlas_cache = Path(conf.get("atlas_cache", os.path.join(model_dir, "atlas_cache")))
@@ -85,8 +83,8 @@ class BrainSam(TaskConfig):
         return BrainSamInfer(self.engine_config, self.label_set, self.path, votes)
 
     def auto_infer(self, datastore: Datastore) -> BrainSamAuto:
-        """The automatic model: the datastore's labelled images as atlases, refined by SAM."""
-        return BrainSamAuto(self.engine_config, self.label_set, self.path, datastore, self.atlas_pool, self.auto_refine, self.atlas_cache)
+        """The automatic model: the segmenter prompted by the datastore's labelled images as atlases."""
+        return BrainSamAuto(self.engine_config, self.label_set, self.path, datastore, self.atlas_pool, self.atlas_cache)
 
     def uncertainty_scoring(self) -> UncertaintyScoring:
         return UncertaintyScoring(self.engine_config, self.label_set, self.path, self.atlas_pool, self.atlas_cache, self.uncertainty_budget_s)
@@ -95,7 +93,7 @@ class BrainSam(TaskConfig):
         return MostUncertain(self.strategy_hold_s)
 
     def trainer(self) -> Optional[TrainTask]:
-        return BrainSamTrain(self.train_config, self.config_name, self.engine_overrides, self.label_set, self.adapter_folder)
+        return BrainSamTrain(self.train_config, self.config_name, self.engine_overrides, self.label_set, self.adapter_folder, self.atlas_cache)
 
     def scoring_method(self) -> Optional[PrecomputeEmbeddings]:
         """Precomputation of slice embeddings, when they persist (embedding_dir is set)."""

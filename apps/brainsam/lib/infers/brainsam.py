@@ -3,9 +3,10 @@
 A request (POST /infer/brainsam?image=<id>, params as 3D Slicer sends them) carries `label`,
 `foreground` and `background` clicks (stored voxel indices), optionally `roi`, `reset_state`,
 `result_extension`, `result_dtype` and `client_id`. The first prompt segments the structure in
-3D; later clicks refine it. Where labelled images registered onto the image already vote for
-the structure under the first click, their vote answers and guides the corrections
-(brainsam.votes); elsewhere the SAM engine does. The result says which (`guide`). Each
+3D; later clicks refine it. Where labelled images registered onto the image already give the
+structure under the first click, their probability of it prompts the LoRA-SAM segmenter with the
+clicks (brainsam.segmenter); elsewhere the model answers from the clicks and box alone. The
+result says which (`answer`). Each
 (client_id, image) keeps the state of its current structure, so annotators never see each
 other's work (requests without client_id share one state).
 
@@ -27,7 +28,8 @@ from fastapi import HTTPException
 from brainsam.config import EngineConfig
 from brainsam.engine import Engine
 from brainsam.labels import LabelSet
-from brainsam.predictor import PreparedImage
+from brainsam.predictor import PreparedImage, Segmentation
+from brainsam.segmenter import Answer
 from brainsam.prompts import PromptError, parse_points, parse_roi
 from brainsam.volume import VolumeError, load_volume
 from lib.infers.adapters import AdapterWatcher
@@ -63,7 +65,7 @@ class BrainSamInfer(LabelSetInfer):
     """Interactive 3D segmentation of the structures of one label set (MONAI Label type deepgrow).
 
     config, labels: the engine's settings and label set. adapters: an adapter file or folder
-    (see AdapterWatcher), or None for the base model. atlases: registered atlases that guide
+    (see AdapterWatcher), or None for the base model. atlases: registered atlases that prompt
     first answers and their corrections where they hold the click (`Engine.segment`), or None.
     """
 
@@ -99,7 +101,7 @@ class BrainSamInfer(LabelSetInfer):
         return path, {
             "label_names": {options.label: 1},
             "interaction": action,
-            "guide": "atlases" if interaction.state.votes is not None else "model",
+            "answer": answered_by(interaction.state),
             "adapter": self.watcher.serving.name if self.watcher.serving else None,
             "latencies": {"total": round(seconds, 3)},
             "encoded_slices": encoded,
@@ -141,7 +143,8 @@ class BrainSamInfer(LabelSetInfer):
         action, foreground, background = plan(previous, prompts)
         try:
             if action == SEGMENT:
-                state = engine.segment(image, prompts.label, foreground, background, prompts.roi, self._votes(key[0], image, prompts.label))
+                atlases = self.atlases.on(key[0], image.volume) if self.atlases is not None else None
+                state = engine.segment(image, prompts.label, foreground, background, prompts.roi, atlases)
             elif action == REFINE:
                 state = engine.refine(image, previous.state, foreground, background)
             else:
@@ -152,11 +155,14 @@ class BrainSamInfer(LabelSetInfer):
         self.interactions.put(key, interaction)
         return action, interaction
 
-    def _votes(self, path: str, image: PreparedImage, label: str) -> Optional[np.ndarray]:
-        """Per voxel, how likely it is to be `label` by the registered atlases
-        (brainsam.fusion.AtlasFusion.probability), or None without any."""
-        fusion = self.atlases.on(path, image.volume) if self.atlases is not None else None
-        return fusion.probability(self.label_set[label].id) if fusion is not None else None
+
+def answered_by(state: Segmentation | Answer) -> str:
+    """Who answered: "segmenter" (the LoRA-SAM prompted by the registered atlases), "atlases"
+    (their vote alone, the `answer atlases` ablation) or "model" (the LoRA-SAM from the clicks
+    and box alone, where no atlas holds the click)."""
+    if isinstance(state, Answer):
+        return "segmenter"
+    return "atlases" if state.votes is not None else "model"
 
 
 def read_options(request: Dict[str, Any], labels: LabelSet) -> Options:

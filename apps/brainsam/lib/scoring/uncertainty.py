@@ -1,13 +1,14 @@
 """How unsure the automatic model is on each unlabelled image, as a MONAI Label scoring method.
 
-For every image without a final label, the automatic first pass (brainsam.auto) runs and its
-per-structure and per-image uncertainty are written into the image's datastore info under
-`uncertainty`: {score, structures, model, image, atlases, sam, seconds}. The uncertainty is the
-atlases' disagreement with their fused result; with fewer than two atlases (a datastore with
-zero or one label) the SAM engine refines each structure and its disagreement counts instead.
+For every image without a final label, the automatic first pass (brainsam.auto: the segmenter
+prompted by the registered atlases) runs and its per-structure and per-image uncertainty are
+written into the image's datastore info under `uncertainty`: {score, structures, model, image,
+atlases, seconds}. A structure's uncertainty is the atlases' and the segmenter's disagreement
+with the result; the image's, how poorly the atlases fit it. Registering the atlases and
+encoding the slices the segmenter reads also readies the image for clicks.
 
-Incremental: an image whose stored values were computed for the same atlas set (and adapter,
-when SAM was used) and the same image file is skipped. Bounded: one run stops starting new
+Incremental: an image whose stored values were computed for the same atlas set and adapter and
+the same image file is skipped. Bounded: one run stops starting new
 images after `budget_s`, the next run (after each /activelearning and after training) goes
 on, images never scored first. It runs on one thread at lower priority, like precomputation.
 """
@@ -38,7 +39,7 @@ class UncertaintyScoring(ScoringMethod):
     """Scores every unlabelled image with the automatic model's uncertainty (see module doc)."""
 
     def __init__(self, config: EngineConfig, labels: LabelSet, adapters: Optional[Path], atlases: AtlasPool, cache: Path, budget_s: float):
-        super().__init__("Uncertainty of the automatic model on each unlabelled image (atlas and SAM disagreement)")
+        super().__init__("Uncertainty of the automatic model on each unlabelled image (atlas and segmenter disagreement)")
         self.watcher = AdapterWatcher(config, labels, adapters)
         self.labels = labels
         self.pool = atlases
@@ -51,18 +52,17 @@ class UncertaintyScoring(ScoringMethod):
         lower_priority()
         began = time.perf_counter()
         subjects = self.pool.subjects(datastore)
-        with_sam = len(subjects) < 2
-        model = self.pool.signature(subjects) + (f"+sam:{self._adapter()}" if with_sam else "")
+        model = f"{self.pool.signature(subjects)}+{self._adapter()}"
         pending = stale_images(datastore, model)
         summary = {"scored": 0, "current": len(datastore.get_unlabeled_images()) - len(pending), "failed": 0, "left": 0}
-        logger.info("uncertainty: %d images to score with %d atlases%s", len(pending), max(len(subjects), 1), " and SAM" if with_sam else "")
+        logger.info("uncertainty: %d images to score with %d atlases", len(pending), max(len(subjects), 1))
         for number, image_id in enumerate(pending):
             if time.perf_counter() - began > self.budget_s:
                 summary["left"] = len(pending) - number
                 logger.info("uncertainty: time budget (%.0f s) spent, %d images left for the next run", self.budget_s, summary["left"])
                 break
             try:
-                values = self._score(datastore, image_id, subjects, with_sam)
+                values = self._score(datastore, image_id, subjects)
             except Exception as error:  # a bad image must stop neither the others nor the server
                 logger.warning("uncertainty: skipped %s: %s", image_id, error)
                 summary["failed"] += 1
@@ -73,21 +73,19 @@ class UncertaintyScoring(ScoringMethod):
         return summary
 
     def _adapter(self) -> str:
-        """Name of the adapter SAM runs with now (loading the engine picks the newest)."""
+        """Name of the adapter the segmenter runs with now (loading the engine picks the newest)."""
         self.watcher.engine()
         return self.watcher.serving.name if self.watcher.serving else "base"
 
-    def _score(self, datastore: Datastore, image_id: str, subjects: list, with_sam: bool) -> Dict[str, Any]:
+    def _score(self, datastore: Datastore, image_id: str, subjects: list) -> Dict[str, Any]:
         path = datastore.get_image_uri(image_id)
         started = time.perf_counter()
-        engine = self.watcher.engine() if with_sam else None
-        result = first_pass(self.pool.atlases(subjects), load_volume(path), self.labels, engine, cache=self.cache)
+        result = first_pass(self.pool.atlases(subjects), load_volume(path), self.labels, self.watcher.engine(), cache=self.cache)
         return {
             "score": round(result.image_uncertainty, 4),
             "structures": {name: round(value, 4) for name, value in result.uncertainty.items()},
             "image": fingerprint(Path(path)),
             "atlases": max(len(subjects), 1),
-            "sam": with_sam,
             "seconds": round(time.perf_counter() - started, 1),
         }
 

@@ -1,6 +1,7 @@
 """The `brainsam` train task: POST /train/brainsam fine-tunes LoRA on the datastore's final labels.
 
-MONAI Label runs it in a subprocess. The run continues from the newest published adapter, holds
+MONAI Label runs it in a subprocess. Each labelled image is prompted as the server prompts an
+unlabelled one: by the other labelled images registered onto it (brainsam.cases). The run continues from the newest published adapter, holds
 out part of the labelled images for validation, and publishes a new adapter (atomically, next
 to the earlier ones) only when it beats where it started. The infer task picks it up at the
 next click. DELETE /train/ kills the subprocess: nothing half-written is ever published.
@@ -33,16 +34,18 @@ class BrainSamTrain(TrainTask):
     settings: training config name (configs/training) or YAML path. engine_config,
     engine_overrides: the engine config the server runs and its overrides (device,
     checkpoint): a server trains what it serves. labels: the served label set; label files hold
-    its ids. folder: where adapters are published (the infer task watches it).
+    its ids. folder: where adapters are published (the infer task watches it). cache: the
+    registration cache the scoring fills; the labelled images' priors come from it.
     """
 
-    def __init__(self, settings: str, engine_config: str, engine_overrides: Dict[str, str], labels: LabelSet, folder: Path):
+    def __init__(self, settings: str, engine_config: str, engine_overrides: Dict[str, str], labels: LabelSet, folder: Path, cache: Path):
         super().__init__("LoRA fine-tuning of the brainsam model on the datastore's final labels")
         self.settings = settings
         self.engine_config = engine_config
         self.engine_overrides = engine_overrides
         self.labels = labels
         self.folder = folder
+        self.cache = cache
 
     def config(self) -> Dict[str, Any]:
         """The training settings; a train request may override any of them."""
@@ -66,7 +69,7 @@ class BrainSamTrain(TrainTask):
         if not subjects:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, "no image has a final label yet: save at least one label, then train")
         logger.info("training on %d labelled images with %s", len(subjects), settings)
-        result = train_and_publish(subjects, settings, self.labels, self.folder, self.engine_overrides, newest_adapter(self.folder))
+        result = train_and_publish(subjects, settings, self.labels, self.folder, self.engine_overrides, newest_adapter(self.folder), self.cache)
         return json.loads(json.dumps(dataclasses.asdict(result), default=str))
 
     def _settings(self, request: Dict[str, Any]) -> TrainSettings:

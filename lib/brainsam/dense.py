@@ -1,0 +1,93 @@
+"""brainsam's dense prompt: the prior, the previous answer and the clicks, per low-res pixel.
+
+The decoder of every slice sees, besides its image embedding and its box, a stack of
+`backbones.DENSE_CHANNELS` on its crop of the low-res grid:
+
+- prior: the registered atlases' probability of the structure, as a logit;
+- previous: the answer's logits so far (on the first answer, the prior's logit times
+  PRIOR_SCALE, the range of a confident SAM answer), which the decoder corrects;
+- positive / negative: the annotator's clicks, each a Gaussian spot round its pixel, fading
+  with the distance in mm to the slice it was made on, so one click reaches the neighbouring
+  slices it concerns and training learns how far that is.
+
+Slices are indexed along the working axis; rows and columns are low-res pixels of the window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .backbones import DENSE_CHANNELS
+
+PRIOR_SCALE = 4.0
+"""Logits of a prior probability are multiplied by this to serve as the first previous answer."""
+CLAMP = 0.02
+"""Probabilities are clamped to [CLAMP, 1 - CLAMP] before their logit is taken (±3.9)."""
+SPOT_MM = 2.0
+"""In-plane standard deviation of a click's spot."""
+REACH_MM = 3.0
+"""Standard deviation, across slices, of how a click's spot fades."""
+FAINTEST = 0.01
+"""A click reaches the slices where its spot is at least this strong (2.9 REACH_MM away)."""
+
+CHANNEL = {name: index for index, name in enumerate(DENSE_CHANNELS)}
+
+
+@dataclass(frozen=True)
+class Click:
+    """A click in the dense prompt's frame: slice index, low-res row and column, foreground or not."""
+
+    slice: int
+    row: float
+    col: float
+    foreground: bool
+
+
+def prior_logits(probability: torch.Tensor) -> torch.Tensor:
+    """Probabilities in [0, 1] -> clamped logits (same shape)."""
+    clamped = probability.float().clamp(CLAMP, 1 - CLAMP)
+    return torch.log(clamped / (1 - clamped))
+
+
+def reach(slice_mm: float) -> int:
+    """How many slices either side of its own a click reaches, for slices `slice_mm` apart."""
+    return int(REACH_MM * math.sqrt(-2 * math.log(FAINTEST)) / slice_mm)
+
+
+def click_spots(clicks: list[Click], slices: list[int], shape: tuple[int, int], origin: tuple[int, int], mm: tuple[float, float, float]) -> torch.Tensor:
+    """Positive and negative click spots on `slices`: (len(slices), 2, rows, cols).
+
+    shape, origin: size and first (row, col) of the crop of the low-res grid. mm: spacing of
+    slices, rows and columns. Where spots overlap, the strongest holds."""
+    out = torch.zeros(len(slices), 2, *shape)
+    rows = torch.arange(origin[0], origin[0] + shape[0], dtype=torch.float32)[:, None]
+    cols = torch.arange(origin[1], origin[1] + shape[1], dtype=torch.float32)[None, :]
+    for click in clicks:
+        spot = torch.exp(-(((rows - click.row) * mm[1]) ** 2 + ((cols - click.col) * mm[2]) ** 2) / (2 * SPOT_MM**2))
+        channel = 0 if click.foreground else 1
+        for position, index in enumerate(slices):
+            strength = math.exp(-(((index - click.slice) * mm[0]) ** 2) / (2 * REACH_MM**2))
+            if strength >= FAINTEST:
+                out[position, channel] = torch.maximum(out[position, channel], strength * spot)
+    return out
+
+
+def dense_prompt(prior: torch.Tensor | None, previous: torch.Tensor | None, spots: torch.Tensor) -> torch.Tensor:
+    """The dense prompt (S, len(DENSE_CHANNELS), rows, cols) from the prior's probability and the
+    previous logits (S, rows, cols each, or None where there is none) and `click_spots`."""
+    out = torch.zeros(len(spots), len(DENSE_CHANNELS), *spots.shape[-2:])
+    if prior is not None:
+        out[:, CHANNEL["prior"]], out[:, CHANNEL["has_prior"]] = prior_logits(prior), 1.0
+    if previous is not None:
+        out[:, CHANNEL["previous"]], out[:, CHANNEL["has_previous"]] = previous, 1.0
+    out[:, CHANNEL["positive"] : CHANNEL["negative"] + 1] = spots
+    return out
+
+
+def first_previous(prior: torch.Tensor | None) -> torch.Tensor | None:
+    """The previous answer a first answer starts from: the prior's scaled logits, or None."""
+    return None if prior is None else PRIOR_SCALE * prior_logits(prior)
