@@ -1,7 +1,8 @@
-"""Training: the split encoder, prompt simulation, augmentation, schedule, and short real runs.
+"""Training: the split encoder, the simulated annotator and poorer priors, the schedule, and
+short real runs.
 
-The runs use two or three real FreeSurfer subjects and a handful of steps: they check what a
-run produces and publishes, not how accurate it gets (that is the benchmark in the README).
+The runs use three real 2 mm subjects and a handful of steps: they check what a run produces and
+publishes, not how accurate it gets (that is the benchmark in the README).
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ from brainsam.config import load_config
 from brainsam.engine import Engine
 from brainsam.labels import load_label_set, load_mapping
 from brainsam.lora import LoraSettings, add_lora
-from brainsam.simulation import Prompt, corrective_click, jittered_box, mask_box, prior_sized_box
+from brainsam.cases import SubjectSlices, TrainingCase
+from brainsam.simulation import corrective_click, first_click, shifted
 from brainsam.train import LearningRate, load_train_settings, split_subjects, subjects_in, train_and_publish
-from brainsam.trainset import Augmentation, augment, mirrored_ids, read_labels
+from brainsam.trainset import read_labels
+from brainsam.view import Window
 from brainsam.volume import VolumeError
 
 from .conftest import require_data
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = dict(slices_per_subject=2, validation_slices_per_subject=2, iterations=3, validate_every=3, warmup_iterations=1)
+TINY_RUN = dict(iterations=2, validate_every=2, warmup_iterations=1)
+IXI = ("IXI012-HH-1211", "IXI013-HH-1212", "IXI014-HH-1236")
 
 
 def test_encoder_stages_compose_to_the_encoder() -> None:
@@ -66,44 +70,28 @@ def test_split_encoder_caches_below_the_first_adapted_block() -> None:
     assert first_trained_stage(backbone.encoder_stages(), []) == len(backbone.encoder_stages())
 
 
-def test_simulated_prompts_hold_the_structure() -> None:
-    truth = np.zeros((64, 64), dtype=bool)
-    truth[20:30, 10:40] = True
+def test_the_simulated_annotator_clicks_inside_then_on_the_largest_error() -> None:
+    truth = np.zeros((5, 16, 16), dtype=bool)
+    truth[0:5, 3:8, 3:8] = True
+    subject = SubjectSlices("phantom", Window(0, 0, 64, 64), (1.0, 1.0, 1.0), 10, torch.zeros(5, 1), 20)
+    case = TrainingCase(subject, 1, list(range(10, 15)), (2, 6, 3, 7), torch.from_numpy(truth).float(), truth)
+    first = first_click(case)
+    assert first.foreground and (first.slice, first.row, first.col) == (12, 5 + 8, 5 + 12), "the most interior voxel, on the whole grid"
+    spill = torch.full(truth.shape, -1.0)
+    spill[truth] = 1.0
+    spill[2, 13:16, 13:16] = 1.0
+    click = corrective_click(case, list(range(5)), spill)
+    assert not click.foreground and click.slice == 12 and truth.shape[1] > click.row - 8 >= 13
+    assert corrective_click(case, list(range(5)), torch.where(torch.from_numpy(truth), 1.0, -1.0)) is None
+
+
+def test_a_poorer_registration_moves_the_prior_without_growing_it() -> None:
+    prior = torch.zeros(6, 20, 20)
+    prior[2:4, 8:12, 8:12] = 1.0
     rng = np.random.default_rng(0)
-    x0, y0, x1, y1 = mask_box(truth)
-    assert (x0, y0, x1, y1) == (10, 20, 40, 30)
-    for _ in range(20):
-        bx0, by0, bx1, by1 = jittered_box(truth, rng, shift_px=0.0)
-        assert bx0 <= x0 and by0 <= y0 and bx1 >= x1 and by1 >= y1
-    px0, py0, px1, py1 = prior_sized_box(truth, (3.0, 4.0), rng, shift_px=0.0)
-    assert (px1 - px0, py1 - py0) == (9.0, 7.0)
-    spill = truth.copy()
-    spill[40:50, 40:50] = True
-    point, label = corrective_click(truth, spill)
-    assert label == 0 and spill[tuple(point)] and not truth[tuple(point)]
-    assert corrective_click(truth, truth) is None
-    prompt = Prompt(np.array([0, 0, 8, 8], dtype=np.float32)).with_click(np.array([2, 3]), 1)
-    model = prompt.for_model(4.0)
-    assert model["points"].tolist() == [[13.5, 9.5]] and model["box"].tolist() == [0, 0, 32, 32]
-
-
-def test_mirror_swaps_left_and_right() -> None:
-    ids = load_mapping(ROOT / "configs" / "mappings" / "aseg.yaml")
-    mirrored = mirrored_ids(ids)
-    assert mirrored["Left-Putamen"] == ids["Right-Putamen"] and mirrored["Right-Putamen"] == ids["Left-Putamen"]
-    assert mirrored["Brain-Stem"] == ids["Brain-Stem"]
-
-
-def test_augmentation_moves_image_and_masks_together() -> None:
-    crop = torch.zeros(64, 64)
-    crop[20:40, 24:36] = 1.0
-    masks = (crop > 0.5)[None]
-    for seed in range(5):
-        settings = Augmentation(rotate_deg=30, scale=0.2, gamma=0.0, contrast=0.0)
-        image, moved = augment(crop, masks, settings, np.random.default_rng(seed))
-        bright = image > 0.5
-        overlap = 2 * (bright & moved[0]).sum() / (bright.sum() + moved[0].sum())
-        assert overlap > 0.9 and moved.dtype == torch.bool
+    moved = [shifted(prior, rng, 1, 3) for _ in range(20)]
+    assert all(m.sum() <= prior.sum() for m in moved) and any(not torch.equal(m, prior) for m in moved)
+    assert all(torch.equal(shifted(prior, rng, 0, 0), prior) for _ in range(3))
 
 
 def test_learning_rate_warms_up_then_decays_over_steps_or_time() -> None:
@@ -128,25 +116,36 @@ def test_held_out_subjects() -> None:
 
 
 def test_a_short_run_publishes_an_adapter_only_when_it_helps(tmp_path: Path) -> None:
-    mapping = load_mapping(ROOT / "configs" / "mappings" / "aseg.yaml")
-    subjects = [s for s in subjects_in(require_data("fs-aseg"), "T1.nii.gz", "aseg.nii.gz", mapping) if s.name in ("sub-01", "sub-02")]
+    mapping = load_mapping(ROOT / "configs" / "mappings" / "muse.yaml")
+    subjects = [s for s in subjects_in(require_data("ixi-muse"), "T1.nii.gz", "muse.nii.gz", mapping) if s.name in IXI]
     labels = load_label_set()
+    cache = tmp_path / "atlas_cache"  # registrations and frozen activations, shared by both runs
 
     # learning rate 0: nothing can beat the start, so nothing is published
-    frozen = train_and_publish(subjects, load_train_settings(**TINY_RUN, learning_rate=0.0), labels, tmp_path)
-    assert frozen.published is None and not list(tmp_path.glob("*.safetensors"))
-    stats = json.loads((tmp_path / "train_stats.json").read_text())
-    assert stats["state"] == "done" and stats["iteration"] == 3 and stats["held_out_subjects"] == ["sub-02"]
+    frozen = train_and_publish(subjects, load_train_settings(**TINY_RUN, learning_rate=0.0), labels, tmp_path / "frozen", cache=cache)
+    assert frozen.published is None and not list((tmp_path / "frozen").glob("*.safetensors"))
+    stats = json.loads((tmp_path / "frozen" / "train_stats.json").read_text())
+    assert stats["state"] == "done" and stats["iteration"] == 2 and stats["held_out_subjects"] == [IXI[-1]] and stats["steps_per_s"] > 0
+    assert 0.3 < stats["baseline"]["click_1"] <= 1.0, "the base model prompted by two registered subjects finds the structures"
+    assert list((tmp_path / "train_activations").glob("*.pt")), "frozen activations are kept for the next run"
 
-    result = train_and_publish(subjects, load_train_settings(**TINY_RUN, learning_rate=1e-3, publish_if_better=False), labels, tmp_path)
+    result = train_and_publish(subjects, load_train_settings(**TINY_RUN, learning_rate=1e-3, publish_if_better=False), labels, tmp_path / "adapters", cache=cache)
     assert result.published is not None and result.published.is_file()
     manifest = read_manifest(result.published)
-    assert manifest["training"]["subjects"] == ["sub-01"] and manifest["validation"]["best"]["score"] > 0
+    assert manifest["training"]["subjects"] == list(IXI[:2]) and manifest["validation"]["best"]["score"] > 0
     assert json.loads(result.published.with_suffix(".json").read_text()) == manifest
     assert 0 < result.trainable_parameters < result.total_parameters
 
     engine = Engine(load_config(), labels, adapter=result.published)  # it loads and serves
     assert engine.manifest == manifest
+
+
+def test_training_needs_two_labelled_subjects(tmp_path: Path) -> None:
+    mapping = load_mapping(ROOT / "configs" / "mappings" / "muse.yaml")
+    one = [s for s in subjects_in(require_data("ixi-muse"), "T1.nii.gz", "muse.nii.gz", mapping) if s.name == IXI[0]]
+    with pytest.raises(ValueError, match="two labelled images"):
+        train_and_publish(one, load_train_settings(**TINY_RUN), load_label_set(), tmp_path)
+    assert json.loads((tmp_path / "train_stats.json").read_text())["state"] == "failed"
 
 
 def test_label_files_read_from_nifti_and_nrrd(tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, safe_open, save_file
 from .backbones import Backbone
 from .lora import LoraSettings, add_lora, trainable_state
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the prompt encoder takes brainsam's dense prompt (backbones.DENSE_CHANNELS); adapters of 1 do not fit."""
 MANIFEST_KEY = "brainsam_manifest"
 CHECKSUM_KEY = "brainsam_weights_sha256"
 
