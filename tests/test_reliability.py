@@ -47,7 +47,7 @@ pytestmark = pytest.mark.server
 IXI = "IXI012-HH-1211"
 LABEL = "Left-Putamen"
 PHANTOM_LABEL_INFO = [{"name": LABEL, "idx": 1}]  # phantom truths are saved with value 1, as Slicer names its segments
-TRAIN_RUN = {"slices_per_subject": 1, "validation_slices_per_subject": 1, "iterations": 100000, "validate_every": 100000, "warmup_iterations": 1, "publish_if_better": False}
+TRAIN_RUN = {"iterations": 100000, "validate_every": 100000, "warmup_iterations": 1, "publish_if_better": False}
 ROWS: list[dict[str, str]] = []
 TEMPORARY_FOLDERS = re.compile(r"(\.{0,2}/[^/\s'\"]+)+/")  # the folder part of a path in a message
 

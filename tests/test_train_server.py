@@ -17,7 +17,7 @@ from .test_server import MODEL, Server, Subject, infer, load_subject, roi_of, ru
 pytestmark = pytest.mark.server
 
 SUBJECTS = ("sub-02", "sub-03")
-TINY_RUN = {"slices_per_subject": 2, "validation_slices_per_subject": 2, "iterations": 3, "validate_every": 3, "warmup_iterations": 1, "learning_rate": 1e-3}
+TINY_RUN = {"iterations": 3, "validate_every": 3, "warmup_iterations": 1, "learning_rate": 1e-3}
 WAIT_S = 900
 
 
