@@ -1,6 +1,7 @@
 """Latency of first and corrective clicks on the real server, with and without precomputation.
 
     nice -n 10 .venv/bin/python -m benchmarks.latency [--no-precompute] [--atlases N]
+    nice -n 10 .venv/bin/python -m benchmarks.latency --during train|scoring --atlases 3
 
 Starts the server as tests/test_server.py does, over a temporary studies folder holding one
 1 mm FreeSurfer subject (fs-aseg sub-01, 256^3) and one 2 mm IXI subject (IXI012-HH-1211), lets
@@ -14,8 +15,13 @@ for it; p50/p95 of first and corrective clicks; and the peak resident memory of 
 its children (the precomputing subprocess), sampled every 0.2 s. With --atlases N, N more
 fs-aseg subjects lie in the studies folder with final labels, so start-up scoring registers them
 onto the two images and clicks are guided by them where they fit (each line says whether the
-atlases or the model answered). Needs ../shared/data. Prints figures only: nothing is asserted
-on time.
+atlases or the model answered).
+With --during train or scoring, the clicks run three times: alone (filling the caches), while
+background work runs (training: POST /train on the labelled subjects; scoring: uncertainty
+scoring and precomputation of BACKGROUND_SUBJECTS, placed unlabelled in the studies folder),
+and alone again once it is stopped; the last two hold the same caches, so their figures
+compare what the background work costs a click. Needs ../shared/data. Prints figures only:
+nothing is asserted on time.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import psutil
 from brainsam.atlas import relabel
 from brainsam.labels import load_label_set, load_mapping
 from brainsam.remote import MODEL, PeakMemory, read_mask
+from monailabel.client import MONAILabelUtils
 from tests.test_server import (
     ROOT,
     Server,
@@ -49,7 +56,11 @@ from tests.test_server import (
 
 STRUCTURES = ["Left-Putamen", "Right-Thalamus", "Left-Hippocampus", "Brain-Stem"]
 ATLAS_SUBJECTS = ["sub-02", "sub-03", "sub-04", "sub-05", "sub-06", "sub-07"]
+BACKGROUND_SUBJECTS = ["sub-07", "sub-06"]
+"""Unlabelled images that give scoring work during --during scoring."""
 PRECOMPUTE_TIMEOUT_S = 3600
+BACKGROUND_START_S = 20
+"""Background work runs this long before the clicks start (past a subprocess's start-up)."""
 
 
 @dataclass
@@ -94,6 +105,25 @@ def place_labelled(studies: Path, name: str) -> None:
     nib.save(nib.Nifti1Image(labels, stored.affine), final / f"{name}.nii.gz")
 
 
+def start_background(server: Server, kind: str) -> None:
+    """Start training (long enough to outlast the clicks) or every scoring method."""
+    if kind == "train":
+        server.client("bench-trainer", Path(".")).train_start(MODEL, {"iterations": 100000, "max_minutes": 60, "validate_every": 100000})
+        return
+    for method in ("uncertainty", "precompute_embeddings"):
+        status, response, _, _ = MONAILabelUtils.http_method("POST", server.url, f"/scoring/{method}")
+        assert status == 200, f"scoring {method} did not start: {status} {response}"
+
+
+def stop_background(server: Server, kind: str) -> bool:
+    """Stop it; whether it was still running (else the clicks partly ran without it)."""
+    path = "/train/" if kind == "train" else "/scoring/"
+    status, response, _, _ = MONAILabelUtils.http_method("GET", server.url, path + "?check_if_running=true")
+    running = status == 200
+    MONAILabelUtils.http_method("DELETE", server.url, path)
+    return running
+
+
 def summary(kind: str, clicks: list[Click]) -> str:
     """p50/p95 of the wall and CPU seconds of the clicks of one kind."""
     wall = np.percentile([c.seconds for c in clicks if c.kind == kind], [50, 95])
@@ -108,9 +138,10 @@ def main() -> None:
     parser.add_argument("--structures", nargs="+", default=STRUCTURES)
     parser.add_argument("--corrections", type=int, default=2, help="corrective clicks per structure")
     parser.add_argument("--atlases", type=int, default=0, help="fs-aseg subjects (after sub-01) labelled in the studies folder")
+    parser.add_argument("--during", choices=("train", "scoring"), help="also click while training or scoring runs (see above)")
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPU cores")
-    clicks: list[Click] = []
+    phases: dict[str, list[Click]] = {}
     with tempfile.TemporaryDirectory() as folder:
         work, studies = Path(folder), Path(folder) / "studies"
         studies.mkdir()
@@ -125,15 +156,27 @@ def main() -> None:
                 began = time.perf_counter()
                 task = wait_for_scoring(server.url, PRECOMPUTE_TIMEOUT_S)
                 print(f"precomputation {task['status']} after {time.perf_counter() - began:.0f} s")
-            for subject in subjects:
-                for structure in args.structures:
-                    for click in click_session(server, subject, structure, args.corrections, work):
-                        clicks.append(click)
-                        print(f"{subject.image_id:<15} {structure:<18} {click.kind:<10} {click.seconds:6.2f} s  "
-                              f"server CPU {click.cpu_seconds:6.2f} s  {click.encoded:3d} slices encoded  by {click.guide}", flush=True)  # fmt: skip
+            if args.during == "scoring":  # new unlabelled images: work for the next scoring run
+                for name in BACKGROUND_SUBJECTS:
+                    shutil.copy(ROOT.parent / "shared" / "data" / "fs-aseg" / name / "T1.nii.gz", studies / f"new-{name}.nii.gz")
+            for phase in ["alone"] + ([f"during {args.during}", "alone again"] if args.during else []):
+                if phase.startswith("during"):
+                    start_background(server, args.during)
+                    time.sleep(BACKGROUND_START_S)
+                print(f"-- {phase}", flush=True)
+                clicks = phases.setdefault(phase, [])
+                for subject in subjects:
+                    for structure in args.structures:
+                        for click in click_session(server, subject, structure, args.corrections, work):
+                            clicks.append(click)
+                            print(f"{subject.image_id:<15} {structure:<18} {click.kind:<10} {click.seconds:6.2f} s  "
+                                  f"server CPU {click.cpu_seconds:6.2f} s  {click.encoded:3d} slices encoded  by {click.guide}", flush=True)  # fmt: skip
+                if phase.startswith("during"):
+                    print(f"background {'still ran' if stop_background(server, args.during) else 'had ENDED'} when the clicks were done", flush=True)
     print(f"{'precomputed' if not args.no_precompute else 'no precomputation'}; load average at the end {os.getloadavg()[0]:.2f}")
-    for kind in ("first", "corrective"):
-        print(summary(kind, clicks))
+    for phase, clicks in phases.items():
+        for kind in ("first", "corrective"):
+            print(f"{phase:<14} {summary(kind, clicks)}")
     print(f"peak RSS: server {memory.server_peak / 2**30:.2f} GiB, with children {memory.total_peak / 2**30:.2f} GiB")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from brainsam.labels import LabelSet, Structure
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 torch.set_num_threads(2)
+# compiling LiteMedSAM takes minutes on 2 cores: the tests (and the servers they start) run it
+# eagerly; tests/test_runtime.py tests the compiled path on small networks
+os.environ.setdefault("BRAINSAM_RUNTIME", "eager")
 
 
 def require_data(*parts: str) -> Path:

@@ -44,6 +44,10 @@ class EngineConfig:
     its own (answer "atlases").
     answer: what answers where registered atlases are known: "segmenter" (the LoRA-SAM prompted
     by them, brainsam.segmenter) or "atlases" (their vote alone, brainsam.votes: an ablation).
+    runtime: how the networks run (brainsam.runtime): auto, eager, compiled, eager+bf16 or
+    compiled+bf16. compile_cache: folder where compiled code persists between processes (None:
+    torch's default). interactive: never compile on a call, only in a warm-up (the server's
+    click path).
     """
 
     backbone: str = "litemedsam"
@@ -69,6 +73,9 @@ class EngineConfig:
     walk_scale: float = 1.5
     vote_radius_mm: float = 3.0
     answer: str = "segmenter"
+    runtime: str = "auto"
+    compile_cache: str | None = None
+    interactive: bool = False
 
     def __post_init__(self) -> None:
         if self.answer not in ANSWERS:

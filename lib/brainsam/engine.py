@@ -22,6 +22,7 @@ from .cache import EmbeddingCache
 from .config import EngineConfig
 from .fusion import AtlasFusion, any_label
 from .labels import LabelSet, load_label_set
+from .lora import merge_lora
 from .predictor import PreparedImage, Predictor, Segmentation
 from .prompts import ViewBox, parse_points, parse_roi, points_to_view
 from .segmenter import WINDOW_MARGIN_MM, WINDOW_SNAP_MM, Answer, Segmenter, grid_spacing
@@ -75,6 +76,7 @@ class Engine:
         identity = config.backbone
         if adapter is not None:
             self.manifest = load_adapter(self.backbone, adapter)
+            merge_lora(self.backbone)  # inference only: the base network's compiled graph serves
             identity = f"{config.backbone}+{Path(adapter).name}@{self.manifest.get('created')}"
             logger.info("adapter %s loaded (created %s)", adapter, self.manifest.get("created"))
         self.backbone.eval()

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 
 from .backbones import Backbone
 
@@ -79,6 +80,21 @@ def _trains(name: str, decoder_lora: bool) -> bool:
 def trainable_state(backbone: Backbone) -> dict[str, torch.Tensor]:
     """The trained parameters by name: exactly what an adapter file stores."""
     return {name: p.detach().cpu().contiguous() for name, p in backbone.named_parameters() if p.requires_grad}
+
+
+def merge_lora(backbone: Backbone) -> int:
+    """Fold every LoRA update into the weight it adapts and put the plain layer back, in place,
+    for inference: the same answers (to float rounding), no extra products per call, and the
+    base network's structure, so one compiled graph (brainsam.runtime) serves the base model
+    and every adapter. Returns how many layers were merged; the backbone no longer trains."""
+    merged = 0
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(backbone.get_submodule(parent), child, module.get_base_layer())
+            merged += 1
+    return merged
 
 
 def count_parameters(backbone: Backbone) -> tuple[int, int]:

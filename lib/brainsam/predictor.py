@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .backbones import Backbone
+from .backbones import LOW_RES, Backbone
 from .cache import EmbeddingCache, EmbeddingKey
 from .config import EngineConfig
 from .prompts import PromptError, ViewBox, prior_box
 from .propagation import SlicePrompt, SliceResult, StopRule, bounding_box, grow, propagate
+from .runtime import Runtime
 from .store import EmbeddingStore
 from .votes import VoteShare
 from .view import SliceView, Window, paste_pixels, resample, to_model_box, to_model_xy
@@ -84,6 +85,9 @@ class Predictor:
         self.cache = cache if cache is not None else EmbeddingCache(config.cache_mb << 20)
         self.identity = identity or backbone.name
         self.store = EmbeddingStore(config.embedding_dir, config.embedding_disk_mb << 20) if config.embedding_dir else None
+        self.runtime = Runtime.for_device(backbone.device, config.runtime, config.compile_cache, config.interactive)
+        self.encode = self.runtime.encoder(backbone.encode)
+        self.decode = self.runtime.decoder(backbone.decode)
         self.rule = StopRule(
             min_area=config.min_area_px,
             min_iou=config.stop_iou,
@@ -93,6 +97,24 @@ class Predictor:
         )
         self.timings: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile what clicks run, ahead of them (an interactive runtime compiles nothing on a
+        click): the encoder on one slice and on a batch, the decoder on a box and on one and
+        on two clicks, with the prompts this configuration adds."""
+        size = self.backbone.input_size
+        with self.runtime.warming():
+            for batch in sorted({1, min(2, self.config.encode_batch)}):
+                embedding = self.encode(torch.zeros(batch, size, size))[0]
+            box = torch.tensor([size / 4, size / 4, size / 2, size / 2])
+            mask = torch.zeros(LOW_RES, LOW_RES) if self.config.feed_mask else None
+            for count in (1, 2):
+                points, labels = torch.full((count, 2), size / 3), torch.ones(count, dtype=torch.int64)
+                self.decode(embedding, points, labels, None, mask, multimask=True)
+                if self.config.points_with_box:
+                    self.decode(embedding, points, labels, box, mask, multimask=False)
+            self.decode(embedding, None, None, box, mask, multimask=False)
 
     def prepare(self, volume: Volume) -> PreparedImage:
         """Slice view along the configured axis and default field of view of a volume."""
@@ -141,7 +163,7 @@ class Predictor:
             chunk = slices[start : start + self.config.encode_batch]
             began = time.perf_counter()
             crops = torch.stack([image.view.crop(i, window, size) for i, _ in chunk])
-            encoded = self.backbone.encode(crops).cpu()
+            encoded = self.encode(crops).cpu()
             self.timings["encode"] += time.perf_counter() - began
             self.counts["encode"] += len(chunk)
             for (_, key), embedding in zip(chunk, encoded):
@@ -163,7 +185,7 @@ class Predictor:
         if prompt.box is not None:
             box = torch.as_tensor(to_model_box(prompt.box[0], prompt.box[1], window, size))
         multimask = box is None
-        logits, iou = self.backbone.decode(embedding, points, labels, box, prompt.mask_logits, multimask=multimask)
+        logits, iou = self.decode(embedding, points, labels, box, prompt.mask_logits, multimask=multimask)
         choice = self._choose(logits, iou, window, prompt)
         patch = resample(logits[choice], (window.height, window.width)).numpy() > 0
         mask = np.zeros(image.view.shape[1:], dtype=bool)

@@ -10,14 +10,15 @@ held, the one handed out longest ago comes back. Images not scored yet come afte
 
 import logging
 import time
-from typing import Any, Dict, Optional
-
-from lib.scoring.uncertainty import KEY
+from typing import Any, Dict, List, Optional
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
 logger = logging.getLogger(__name__)
+
+KEY = "uncertainty"
+"""Where the `uncertainty` scoring method stores its values in each image's info."""
 
 
 class MostUncertain(Strategy):
@@ -28,20 +29,28 @@ class MostUncertain(Strategy):
         self.hold_s = hold_s
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Optional[Dict[str, Any]]:
-        images = datastore.get_unlabeled_images()
-        if not images:
+        order = handout_order(datastore, self.hold_s)
+        if not order:
             return None
-        now = time.time()
-        infos = {image_id: datastore.get_image_info(image_id) for image_id in images}
-        handed = {image_id: last_handed_out(info) for image_id, info in infos.items()}
-        free = [image_id for image_id in images if now - handed[image_id] >= self.hold_s]
-        if not free:
-            chosen = min(images, key=lambda image_id: handed[image_id])
+        chosen, info = order[0], datastore.get_image_info(order[0])
+        if time.time() - last_handed_out(info) < self.hold_s:
             logger.info("most_uncertain: every unlabelled image is held; %s was handed out longest ago", chosen)
-            return {"id": chosen, "uncertainty": score(infos[chosen])}
-        chosen = max(free, key=lambda image_id: (score(infos[image_id]) is not None, score(infos[image_id]) or 0.0, image_id))
-        logger.info("most_uncertain: %s (uncertainty %s) for %s; %d of %d unlabelled images held", chosen, score(infos[chosen]), request.get("client_id"), len(images) - len(free), len(images))
-        return {"id": chosen, "uncertainty": score(infos[chosen])}
+        else:
+            logger.info("most_uncertain: %s (uncertainty %s) for %s", chosen, score(info), request.get("client_id"))
+        return {"id": chosen, "uncertainty": score(info)}
+
+
+def handout_order(datastore: Datastore, hold_s: float) -> List[str]:
+    """The unlabelled images in the order the strategy would hand them out if asked again and
+    again now: those nobody was handed in the last `hold_s` seconds first, scored before
+    unscored, the most uncertain first (ties: the greater id); then the held ones, handed out
+    longest ago first. Scoring prepares images in this order (lib.scoring)."""
+    now = time.time()
+    infos = {image_id: datastore.get_image_info(image_id) for image_id in datastore.get_unlabeled_images()}
+    handed = {image_id: last_handed_out(info) for image_id, info in infos.items()}
+    free = [i for i in infos if now - handed[i] >= hold_s]
+    held = sorted((i for i in infos if now - handed[i] < hold_s), key=lambda i: (handed[i], i))
+    return sorted(free, key=lambda i: (score(infos[i]) is not None, score(infos[i]) or 0.0, i), reverse=True) + held
 
 
 def score(info: Dict[str, Any]) -> Optional[float]:

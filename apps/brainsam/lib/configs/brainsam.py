@@ -18,7 +18,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-ENGINE_OVERRIDES = ("device", "cache_mb", "checkpoint", "embedding_disk_mb", "precompute_mm", "answer")
+ENGINE_OVERRIDES = ("device", "cache_mb", "checkpoint", "embedding_disk_mb", "precompute_mm", "answer", "runtime")
 """--conf keys passed through to the engine config as overrides."""
 STORED_CACHE_MB = "512"
 """Default memory cache bound when embeddings persist on disk: a stored slice reloads in ~5 ms,
@@ -31,8 +31,10 @@ class BrainSam(TaskConfig):
 
     engine_config (alias backbone): engine config name in configs/backbones, or a YAML path;
         default litemedsam.
-    device, cache_mb, checkpoint, embedding_disk_mb, precompute_mm: override that engine
-        config's fields.
+    device, cache_mb, checkpoint, embedding_disk_mb, precompute_mm, runtime: override that
+        engine config's fields (runtime: how the networks run, brainsam.runtime; default auto).
+    compile_cache: where compiled networks persist, shared by the server and its scoring and
+        training processes; default <app>/model/compile_cache.
     embedding_dir: where slice embeddings persist and are precomputed into (a scoring method
         run at start-up, after /activelearning and after training); `none` turns both off.
         Default: <app>/model/embeddings. While it is on, cache_mb defaults to STORED_CACHE_MB.
@@ -59,13 +61,14 @@ class BrainSam(TaskConfig):
         config_name = conf.get("engine_config") or conf.get("backbone") or "litemedsam"
         overrides = {key: conf[key] for key in ENGINE_OVERRIDES if key in conf}
         embedding_dir = conf.get("embedding_dir", os.path.join(model_dir, "embeddings"))
-        self.engine_config = load_config(config_name, **overrides, embedding_dir=embedding_dir)
+        compile_cache = conf.get("compile_cache", os.path.join(model_dir, "compile_cache"))
+        self.engine_config = load_config(config_name, **overrides, embedding_dir=embedding_dir, compile_cache=compile_cache)
         if self.engine_config.embedding_dir is not None and "cache_mb" not in conf:
             self.engine_config = self.engine_config.replace(cache_mb=STORED_CACHE_MB)
         self.label_set = load_label_set(conf.get("labels", DEFAULT_LABEL_SET))
         adapter = conf.get("adapter", os.path.join(model_dir, name))
         self.path = None if adapter.lower() == "none" else Path(adapter)
-        self.config_name, self.engine_overrides = config_name, overrides
+        self.config_name, self.engine_overrides = config_name, {**overrides, "compile_cache": compile_cache}
         default_training = config_name if (CONFIGS / "training" / f"{config_name}.yaml").is_file() else "litemedsam"
         self.train_config = conf.get("train_config", default_training)
         # training publishes where inference looks, unless that is a single file or `none`
@@ -80,14 +83,17 @@ class BrainSam(TaskConfig):
     def infer(self, datastore: Datastore) -> BrainSamInfer:
         """The interactive model, guided by the atlases registered already unless guide_atlases is false."""
         votes = AtlasVotes(datastore, self.atlas_pool, self.atlas_cache) if self.guide_atlases else None
-        return BrainSamInfer(self.engine_config, self.label_set, self.path, votes)
+        return BrainSamInfer(self.engine_config.replace(interactive=True), self.label_set, self.path, votes)
 
     def auto_infer(self, datastore: Datastore) -> BrainSamAuto:
         """The automatic model: the segmenter prompted by the datastore's labelled images as atlases."""
-        return BrainSamAuto(self.engine_config, self.label_set, self.path, datastore, self.atlas_pool, self.atlas_cache)
+        return BrainSamAuto(self.engine_config.replace(interactive=True), self.label_set, self.path, datastore, self.atlas_pool, self.atlas_cache)
 
     def uncertainty_scoring(self) -> UncertaintyScoring:
-        return UncertaintyScoring(self.engine_config, self.label_set, self.path, self.atlas_pool, self.atlas_cache, self.uncertainty_budget_s)
+        """Uncertainty scoring, readying the image handed out next after each score (when embeddings persist)."""
+        precompute = self.scoring_method()
+        return UncertaintyScoring(self.engine_config, self.label_set, self.path, self.atlas_pool, self.atlas_cache, self.uncertainty_budget_s,
+                                  self.strategy_hold_s, precompute.ready_next if precompute else None)  # fmt: skip
 
     def strategy(self) -> MostUncertain:
         return MostUncertain(self.strategy_hold_s)
@@ -99,4 +105,4 @@ class BrainSam(TaskConfig):
         """Precomputation of slice embeddings, when they persist (embedding_dir is set)."""
         if self.engine_config.embedding_dir is None:
             return None
-        return PrecomputeEmbeddings(self.engine_config, self.label_set, self.path)
+        return PrecomputeEmbeddings(self.engine_config, self.label_set, self.path, self.strategy_hold_s)

@@ -108,17 +108,22 @@ class BrainSamInfer(LabelSetInfer):
         }
 
     def warm_up(self) -> None:
-        """Load the network and the atlases ahead of the first click (the server runs this in a
-        thread at start-up; a click arriving meanwhile waits for it rather than loading twice)."""
+        """Load the network and the atlases, and compile what clicks run, ahead of the first
+        click (the server runs this in a thread at start-up; a click arriving meanwhile waits
+        for it rather than loading twice; clicks never compile, brainsam.runtime)."""
         began = time.perf_counter()
         try:
             with self._lock:
-                self.watcher.engine()
+                engine = self.watcher.engine()
+                loaded = time.perf_counter()
+                engine.predictor.warm_up()
+                compiled = time.perf_counter()
                 atlases = self.atlases.load() if self.atlases is not None else 0
         except Exception:  # the first click will meet and report the same problem
             logger.exception("warm-up failed")
             return
-        logger.info("warm-up: network and %d atlases loaded in %.1f s", atlases, time.perf_counter() - began)
+        logger.info("warm-up: network loaded in %.1f s, compiled (%s) in %.1f s, %d atlases loaded in %.1f s",
+                    loaded - began, engine.predictor.runtime.choice, compiled - loaded, atlases, time.perf_counter() - compiled)  # fmt: skip
 
     def _image(self, path: Optional[str], engine: Engine) -> tuple[ImageKey, PreparedImage]:
         """The prepared image at `path` (from the LRU when the file is unchanged); 404 if absent,

@@ -5,24 +5,24 @@ MONAI Label runs scoring methods in a Python process of their own at start-up, a
 encode, for each datastore image without a final label (what *Next Sample* hands out), the
 slices where deep brain structures lie, so that a first click finds them in the embedding store.
 Labelled images are left out: with many of them the work would never reach the new ones, and a
-click on one encodes what it needs, as without precomputation. Each run is incremental: an image whose slices are
+click on one encodes what it needs, as without precomputation. Images go in the order
+`most_uncertain` hands them out, so the one an annotator gets next is ready first; uncertainty
+scoring also readies that image after each score (`ready_next`). Each run is incremental: an image whose slices are
 stored for the encoder now served is skipped without being read, and after a new adapter is
-published the next run (which follows training) encodes for it. The work runs on one thread
-at lower priority, so clicks on the same CPU stay responsive; a bad image is logged and skipped.
+published the next run (which follows training) encodes for it. The work runs in the
+background (lib.background: a click preempts it at once); a bad image is logged and skipped.
 """
 
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import torch
-
 from brainsam.config import EngineConfig
 from brainsam.labels import LabelSet
 from brainsam.store import StoreFullError
+from lib.activelearning.most_uncertain import handout_order
+from lib.background import lower_priority
 from lib.infers.adapters import AdapterWatcher
 
 from monailabel.interfaces.datastore import Datastore
@@ -30,10 +30,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 logger = logging.getLogger(__name__)
 
-THREADS = 1  # of the 2 cores the project's CPU target has, one stays for clicks
 BATCH = 1  # slices per encoder call: measured 1.4 GB peak memory against 1.9 GB with 4
-NICENESS = 10
-TASK_MODULE = "monailabel.interfaces.utils.app"  # what MONAI Label runs scoring subprocesses as
 
 
 class PrecomputeEmbeddings(ScoringMethod):
@@ -41,16 +38,18 @@ class PrecomputeEmbeddings(ScoringMethod):
     image into the embedding store, for the encoder (backbone + newest usable adapter) the
     server serves."""
 
-    def __init__(self, config: EngineConfig, labels: LabelSet, adapters: Optional[Path]):
+    def __init__(self, config: EngineConfig, labels: LabelSet, adapters: Optional[Path], hold_s: float):
+        """hold_s: the strategy's hold (the order images are handed out in, `handout_order`)."""
         super().__init__("Encodes each image's central slices ahead of time, so a first click skips the image encoder")
         self.watcher = AdapterWatcher(config.replace(encode_batch=BATCH), labels, adapters)
+        self.hold_s = hold_s
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, int]:
-        """Precompute every image in turn; return how many images there are, how many slices
-        were encoded and how many images failed."""
-        lower_priority()
+        """Precompute every image in turn, in the order `most_uncertain` hands them out; return
+        how many images there are, how many slices were encoded and how many images failed."""
+        lower_priority("precompute")
         engine = self.watcher.engine()
-        images = sorted(datastore.get_unlabeled_images())
+        images = handout_order(datastore, self.hold_s)
         logger.info("precompute: %d images for encoder %s", len(images), engine.predictor.identity)
         summary = {"images": len(images), "encoded": 0, "failed": 0}
         began = time.perf_counter()
@@ -69,15 +68,19 @@ class PrecomputeEmbeddings(ScoringMethod):
             log("precompute: %s: %d slices encoded (%d/%d images, %.0f s)", image_id, encoded, number, len(images), time.perf_counter() - began)
         return summary
 
-
-def lower_priority() -> None:
-    """Leave the CPU to interactive requests: one torch thread and a higher niceness, set before
-    the engine runs anything. Only in MONAI Label's task subprocess: run synchronously inside
-    the server (`run_sync`), the server keeps its priority and threads."""
-    main = getattr(sys.modules["__main__"], "__spec__", None)
-    if getattr(main, "name", None) != TASK_MODULE:
-        logger.info("precompute: running inside the server process, priority left unchanged")
-        return
-    torch.set_num_threads(THREADS)
-    os.nice(NICENESS)
-
+    def ready_next(self, datastore: Datastore) -> int:
+        """Precompute the image `most_uncertain` hands out next, if it lacks any slice; return
+        how many slices were encoded. A failure is only logged: the run over every image meets
+        it again."""
+        order = handout_order(datastore, self.hold_s)
+        if not order:
+            return 0
+        began = time.perf_counter()
+        try:
+            encoded = self.watcher.engine().precompute(datastore.get_image_uri(order[0]))
+        except Exception as error:  # scoring goes on whatever the next image holds
+            logger.warning("precompute: could not ready %s, the image handed out next: %s", order[0], error)
+            return 0
+        if encoded:
+            logger.info("precompute: %s, the image handed out next: %d slices encoded in %.0f s", order[0], encoded, time.perf_counter() - began)
+        return encoded

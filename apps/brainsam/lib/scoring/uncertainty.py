@@ -8,52 +8,65 @@ with the result; the image's, how poorly the atlases fit it. Registering the atl
 encoding the slices the segmenter reads also readies the image for clicks.
 
 Incremental: an image whose stored values were computed for the same atlas set and adapter and
-the same image file is skipped. Bounded: one run stops starting new
-images after `budget_s`, the next run (after each /activelearning and after training) goes
-on, images never scored first. It runs on one thread at lower priority, like precomputation.
+the same image file is skipped. Ordered: images are scored in the order `most_uncertain` hands
+them out, and after each one the image handed out next is readied (precomputed), so the image an
+annotator gets next is ready first. Bounded: one run stops starting new images after
+`budget_s`, the next run (after each /activelearning and after training) goes on. It runs in the
+background, like precomputation.
 """
 
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from brainsam.auto import first_pass
 from brainsam.config import EngineConfig
 from brainsam.labels import LabelSet
 from brainsam.volume import load_volume
+from lib.activelearning.most_uncertain import KEY, handout_order
+from lib.background import lower_priority
 from lib.infers.adapters import AdapterWatcher
 from lib.infers.atlases import AtlasPool, fingerprint
-from lib.scoring.precompute import lower_priority
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 logger = logging.getLogger(__name__)
 
-KEY = "uncertainty"
-"""Where the values live in each image's datastore info."""
-
-
 class UncertaintyScoring(ScoringMethod):
     """Scores every unlabelled image with the automatic model's uncertainty (see module doc)."""
 
-    def __init__(self, config: EngineConfig, labels: LabelSet, adapters: Optional[Path], atlases: AtlasPool, cache: Path, budget_s: float):
+    def __init__(
+        self,
+        config: EngineConfig,
+        labels: LabelSet,
+        adapters: Optional[Path],
+        atlases: AtlasPool,
+        cache: Path,
+        budget_s: float,
+        hold_s: float,
+        ready_next: Optional[Callable[[Datastore], object]] = None,
+    ):
+        """hold_s: the strategy's hold (the order images are handed out in). ready_next: called
+        after each image is scored, readies the image handed out next (precomputation)."""
         super().__init__("Uncertainty of the automatic model on each unlabelled image (atlas and segmenter disagreement)")
         self.watcher = AdapterWatcher(config, labels, adapters)
         self.labels = labels
         self.pool = atlases
         self.cache = cache
         self.budget_s = budget_s
+        self.hold_s = hold_s
+        self.ready_next = ready_next
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, int]:
         """Score the images whose values are missing or stale, until the time budget is spent;
         return how many were scored, skipped as current, failed, and left for the next run."""
-        lower_priority()
+        lower_priority("uncertainty")
         began = time.perf_counter()
         subjects = self.pool.subjects(datastore)
         model = f"{self.pool.signature(subjects)}+{self._adapter()}"
-        pending = stale_images(datastore, model)
+        pending = stale_images(datastore, model, self.hold_s)
         summary = {"scored": 0, "current": len(datastore.get_unlabeled_images()) - len(pending), "failed": 0, "left": 0}
         logger.info("uncertainty: %d images to score with %d atlases", len(pending), max(len(subjects), 1))
         for number, image_id in enumerate(pending):
@@ -70,6 +83,8 @@ class UncertaintyScoring(ScoringMethod):
             write_info(datastore, image_id, {**values, "model": model})
             summary["scored"] += 1
             logger.info("uncertainty: %s: %.3f (%d/%d, %.0f s)", image_id, values["score"], number + 1, len(pending), time.perf_counter() - began)
+            if self.ready_next is not None:  # a score changes which image is handed out next
+                self.ready_next(datastore)
         return summary
 
     def _adapter(self) -> str:
@@ -90,19 +105,20 @@ class UncertaintyScoring(ScoringMethod):
         }
 
 
-def stale_images(datastore: Datastore, model: str) -> List[str]:
+def stale_images(datastore: Datastore, model: str, hold_s: float) -> List[str]:
     """Unlabelled images whose values are missing or were computed for another model or image
-    file; never-scored images first."""
+    file, in the order `most_uncertain` hands images out (see `handout_order`): the image an
+    annotator gets next is scored, and readied, first."""
     pending = []
-    for image_id in sorted(datastore.get_unlabeled_images()):
+    for image_id in handout_order(datastore, hold_s):
         stored = datastore.get_image_info(image_id).get(KEY) or {}
         try:
             current = stored.get("model") == model and stored.get("image") == fingerprint(Path(datastore.get_image_uri(image_id)))
         except OSError:
             current = False
         if not current:
-            pending.append((bool(stored), image_id))
-    return [image_id for _, image_id in sorted(pending)]
+            pending.append(image_id)
+    return pending
 
 
 def write_info(datastore: Datastore, image_id: str, values: Dict[str, Any]) -> None:

@@ -4,7 +4,8 @@ MONAI Label runs it in a subprocess. Each labelled image is prompted as the serv
 unlabelled one: by the other labelled images registered onto it (brainsam.cases). The run continues from the newest published adapter, holds
 out part of the labelled images for validation, and publishes a new adapter (atomically, next
 to the earlier ones) only when it beats where it started. The infer task picks it up at the
-next click. DELETE /train/ kills the subprocess: nothing half-written is ever published.
+next click. DELETE /train/ kills the subprocess: nothing half-written is ever published. It runs
+in the background (lib.background): a click preempts it at once.
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ import psutil
 from brainsam.labels import LabelSet
 from brainsam.train import TrainSettings, load_train_settings, train_and_publish
 from brainsam.trainset import Subject
+from lib.background import lower_priority
 
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
@@ -64,6 +66,7 @@ class BrainSamTrain(TrainTask):
         return stats
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
+        lower_priority("train")
         settings = self._settings(request)
         subjects = labelled_subjects(datastore, self.labels)
         if not subjects:
