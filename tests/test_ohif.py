@@ -1,0 +1,328 @@
+"""OHIF in headless Chromium against Orthanc's DICOMweb and the brainsam server, as scripts/ohif.sh runs them.
+
+The archive holds the sample (Colin27, 1 mm RAS) and the same head at 2 mm in IXI's PSR order.
+Through OHIF's own pages (Playwright driving Debian's Chromium): the study list, the MR series,
+the MONAI Label panel, the automatic model, a brainsam click inside the left putamen, saving the
+segmentation as DICOM SEG from OHIF's segmentation panel, and Next Sample. What OHIF shows is
+read from its segmentation volume and scored against the sample's AAL labels. Screenshots of
+each step go to runs/ohif/. The server runs without background scoring and precomputation
+(`--conf embedding_dir none`, MONAI_LABEL_AUTO_UPDATE_SCORING=false) to keep the lane short:
+the automatic model runs first and registers the built-in atlas that names the clicked structure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+from brainsam.labels import load_label_set
+
+pytestmark = pytest.mark.ohif
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample-data" / "studies" / "colin27.nii.gz"
+REFERENCE = ROOT / "sample-data" / "reference" / "colin27.nii.gz"
+SHOTS = ROOT / "runs" / "ohif"
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+STARTUP_S, STEP_MS = 300, 300_000
+CORE, TOOLS = 81985, 55139
+"""webpack module ids of @cornerstonejs/core and /tools in the OHIF build of monailabel 0.8.5."""
+REQUIRE = "() => { if (!window.__req) self.webpackChunk.push([[Symbol('brainsam-test')], {}, r => { window.__req = r; }]); return !!window.__req; }"
+LABELS = load_label_set()
+
+
+@dataclass
+class Deployment:
+    url: str
+    dicomweb: str
+    series: dict[str, str]  # image name -> SeriesInstanceUID
+    log: Path
+    work: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def psr_copy(source: Path, destination: Path) -> None:
+    """`source` at 2 mm, stored in IXI's PSR axis order (a left-handed voxel frame)."""
+    image = nib.as_closest_canonical(nib.load(str(source)))
+    data = np.asanyarray(image.dataobj)[::2, ::2, ::2]
+    half = nib.Nifti1Image(data, image.affine @ np.diag([2.0, 2.0, 2.0, 1.0]))
+    nib.save(half.as_reoriented(ornt_transform(io_orientation(half.affine), axcodes2ornt(("P", "S", "R")))), str(destination))
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop scripts/ohif.sh by its PID (it stops the server's process group and Orthanc), then
+    anything left of its own process group."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """scripts/ohif.sh over the sample and its 2 mm PSR copy, on free ports."""
+    if not SAMPLE.is_file():
+        pytest.fail(f"{SAMPLE} is missing: run bash scripts/setup.sh")
+    work = tmp_path_factory.mktemp("ohif")
+    studies = work / "studies"
+    studies.mkdir()
+    shutil.copyfile(SAMPLE, studies / "colin27.nii.gz")
+    psr_copy(SAMPLE, studies / "colin27-2mm-psr.nii.gz")
+    port, orthanc = free_port(), free_port()
+    env = {**os.environ, "PORT": str(port), "ORTHANC_PORT": str(orthanc), "STATE": str(work / "state"), "STUDIES": str(studies), "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    log = work / "ohif.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(["bash", str(ROOT / "scripts" / "ohif.sh"), "--conf", "embedding_dir", "none"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + STARTUP_S
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/info/", timeout=5)
+                break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"scripts/ohif.sh did not start the server:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        series = {}
+        for line in log.read_text().splitlines():
+            if ": series " in line:
+                name, rest = line.split(": series ")
+                series[name.removesuffix(".nii.gz")] = rest.split(",")[0]
+        yield Deployment(url, f"http://127.0.0.1:{orthanc}/dicom-web", series, log, work)
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def page(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory):
+    """A page of headless Debian Chromium with a fresh profile."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True, args=FLAGS, viewport={"width": 1400, "height": 900}
+        )
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+def on_grid(labels: Path, image: Path) -> np.ndarray:
+    """The label file's voxels in the voxel order of `image` (same head, axes permuted or flipped)."""
+    source, target = nib.load(str(labels)), nib.load(str(image))
+    data = apply_orientation(np.asanyarray(source.dataobj), ornt_transform(io_orientation(source.affine), io_orientation(target.affine)))
+    assert data.shape == target.shape
+    return data
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def nrrd_voxels(body: bytes) -> np.ndarray:
+    with tempfile.NamedTemporaryFile(suffix=".nrrd") as handle:
+        handle.write(body)
+        handle.flush()
+        return nrrd.read(handle.name)[0]
+
+
+def download(url: str, path: Path) -> Path:
+    with urllib.request.urlopen(url, timeout=120) as response:
+        path.write_bytes(response.read())
+    return path
+
+
+def shown(page) -> dict[int, tuple[int, int]]:
+    """What OHIF shows: per segment index of its labelmap, (voxel count, sum of voxel indices)."""
+    return {
+        int(k): tuple(v)
+        for k, v in page.evaluate(
+            f"""() => {{ const tools = window.__req({TOOLS}), core = window.__req({CORE});
+            const s = tools.segmentation.state.getSegmentation('1');
+            const data = core.cache.getVolume(s.representationData.Labelmap.volumeId).voxelManager.getCompleteScalarDataArray();
+            const out = {{}};
+            for (let i = 0; i < data.length; i++) {{ const v = data[i]; if (v) {{ if (!out[v]) out[v] = [0, 0]; out[v][0]++; out[v][1] += i; }} }}
+            return out; }}"""
+        ).items()
+    }
+
+
+def stats(labels: np.ndarray, index_of: dict[int, int]) -> dict[int, tuple[int, int]]:
+    """The same summary for a label volume (x fastest, as OHIF stores it), values mapped by `index_of`."""
+    flat = labels.reshape(-1, order="F")
+    out = {}
+    for value, index in index_of.items():
+        where = np.flatnonzero(flat == value)
+        if where.size:
+            out[index] = (int(where.size), int(where.sum()))
+    return out
+
+
+def segment_indices(page) -> dict[str, int]:
+    """OHIF's segment index of each structure name."""
+    return page.evaluate(
+        f"""() => {{ const s = window.__req({TOOLS}).segmentation.state.getSegmentation('1');
+        const out = {{}}; for (const [k, v] of Object.entries(s.segments)) if (v) out[v.label] = Number(k); return out; }}"""
+    )
+
+
+def click_voxel(page, ijk: list[int]) -> None:
+    """Click the axial viewport on voxel `ijk` of the displayed volume (scrolled to its slice)."""
+    x, y = page.evaluate(
+        f"""(ijk) => {{ const core = window.__req({CORE});
+        const element = document.querySelectorAll('.cornerstone-viewport-element')[0];
+        const viewport = core.getEnabledElement(element).viewport;
+        const volume = core.cache.getVolumes().find(v => v.volumeId.startsWith('cornerstoneStreamingImageVolume'));
+        const world = volume.imageData.indexToWorld(ijk);
+        viewport.jumpToWorld(world); viewport.render();
+        const [cx, cy] = viewport.worldToCanvas(world), box = element.getBoundingClientRect();
+        return [box.left + cx, box.top + cy]; }}""",
+        ijk,
+    )
+    page.wait_for_timeout(500)
+    page.mouse.click(x, y)
+
+
+def form_params(body: str) -> dict:
+    """The JSON `params` field of a multipart form as OHIF posts it."""
+    part = body.split('name="params"', 1)[1].split("\r\n\r\n", 1)[1]
+    return json.loads(part.split("\r\n--", 1)[0])
+
+
+def deepest(mask: np.ndarray) -> list[int]:
+    """The voxel of `mask` farthest from its border."""
+    from scipy.ndimage import distance_transform_edt
+
+    return [int(v) for v in np.unravel_index(np.argmax(distance_transform_edt(mask)), mask.shape)]
+
+
+def open_series(page, deployment: Deployment, patient: str) -> None:
+    page.goto(f"{deployment.url}/ohif/", wait_until="networkidle", timeout=STEP_MS)
+    page.get_by_text(patient, exact=True).first.wait_for(timeout=STEP_MS)
+    hide = page.get_by_text("Confirm and Hide")
+    if hide.count():
+        hide.click()
+    page.get_by_text(patient, exact=True).first.click()
+    page.get_by_role("button", name="MONAI Label").click()
+    page.wait_for_function(
+        f"() => window.webpackChunk && ({REQUIRE})() && window.__req({CORE}).cache.getVolumes().some(v => v.volumeId.startsWith('cornerstoneStreamingImageVolume') && v.loadStatus && v.loadStatus.loaded)",
+        timeout=STEP_MS,
+    )
+    page.wait_for_timeout(1000)
+
+
+def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page, tmp_path: Path) -> None:
+    series = deployment.series["colin27"]
+    image = download(f"{deployment.url}/datastore/image?image={series}", tmp_path / "colin27.nii.gz")
+    reference = on_grid(REFERENCE, image)
+
+    # the study list, then the MR series in OHIF's MONAI Label mode
+    page.goto(f"{deployment.url}/ohif/", wait_until="networkidle", timeout=STEP_MS)
+    page.get_by_text("colin27-2mm-psr", exact=True).first.wait_for(timeout=STEP_MS)  # both studies listed
+    shot(page, "1-study-list")
+    open_series(page, deployment, "colin27")
+    shot(page, "2-series")
+
+    # the MONAI Label panel, connected to this server
+    page.fill("#monailabelServerURL", deployment.url + "/")
+    page.locator(".settingsTable button").click()
+    page.get_by_text("Point Prompts").wait_for(timeout=STEP_MS)
+    shot(page, "3-monai-label-panel")
+
+    # the automatic model: all structures, shown as the server answered
+    with page.expect_response(lambda r: "/infer/brainsam_auto" in r.url, timeout=STEP_MS) as answer:
+        page.locator("button[title='Run Segmentation']").click()
+    assert answer.value.status == 200
+    auto = nrrd_voxels(answer.value.body())
+    assert auto.shape == reference.shape
+    scores = {s.name: dice(auto == s.id, reference == s.id) for s in LABELS.structures if (reference == s.id).any()}
+    assert len(scores) == 12 and min(scores.values()) > 0.6, scores
+    page.wait_for_timeout(2000)
+    index = segment_indices(page)
+    ids_to_index = {s.id: index[s.name] for s in LABELS.structures}
+    assert shown(page) == stats(auto, ids_to_index)
+    shot(page, "4-brainsam-auto")
+
+    # a brainsam click inside the left putamen: the structure comes from the registered atlas
+    putamen = LABELS["Left-Putamen"]
+    target = deepest(reference == putamen.id)
+    page.get_by_text("Point Prompts").click()
+    page.wait_for_timeout(1000)  # the panel switches OHIF to its click tool
+    page.get_by_text("Left-Putamen", exact=True).first.click()
+    page.wait_for_timeout(1000)
+    click_voxel(page, target)
+    page.wait_for_timeout(500)
+    with page.expect_response(lambda r: "/infer/brainsam?" in r.url, timeout=STEP_MS) as answer:
+        page.locator("button[title='Run PointPrompts']").click()
+    assert answer.value.status == 200, answer.value.text()
+    assert form_params(answer.value.request.post_data)["foreground"] == [target]  # OHIF's voxel indices are the datastore's
+    mask = nrrd_voxels(answer.value.body()) > 0
+    assert dice(mask, reference == putamen.id) > 0.6
+    page.wait_for_timeout(2000)
+    expected = np.where(auto == putamen.id, 0, auto)  # OHIF replaces the segment, keeps the others
+    expected[mask & (expected == 0)] = putamen.id
+    assert shown(page) == stats(expected, ids_to_index)
+    shot(page, "5-brainsam-click")
+
+    # save from OHIF's segmentation panel (Export DICOM SEG): a final label in the datastore
+    page.locator("[data-cy='panelSegmentation-btn']").click()
+    page.locator("button[aria-haspopup='menu']").filter(has=page.locator("title", has_text="icon-more")).first.click()
+    page.get_by_text("Export DICOM SEG").click()
+    page.wait_for_timeout(1000)
+    shot(page, "6-export-dialog")
+    with page.expect_response(lambda r: "/proxy/dicom/" in r.url and r.request.method == "POST", timeout=STEP_MS) as stored:
+        page.get_by_role("button", name="Save").click()
+    assert stored.value.status == 200, stored.value.text()
+    label = tmp_path / "label.nii.gz"
+    download(f"{deployment.url}/datastore/label?label={series}&tag=final", label)
+    saved = np.asanyarray(nib.load(str(label)).dataobj)
+    assert stats(saved, ids_to_index) == stats(expected, ids_to_index)
+    shot(page, "7-saved")
+
+    # Next Sample hands out the other series, and OHIF opens it
+    page.locator("[data-cy='monailabel-btn']").click()
+    page.get_by_text("Active Learning").click()
+    page.locator("select.actionInput").select_option("most_uncertain")
+    with page.expect_response(lambda r: "/activelearning/" in r.url, timeout=STEP_MS) as sample:
+        page.get_by_role("button", name="Next Sample").click()
+    assert sample.value.json()["id"] == deployment.series["colin27-2mm-psr"]
+    page.get_by_text(deployment.series["colin27-2mm-psr"]).wait_for(timeout=STEP_MS)
+    shot(page, "8-next-sample")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="OK").click()
+    page.wait_for_url(f"**{sample.value.json()['StudyInstanceUID']}**", timeout=STEP_MS)
