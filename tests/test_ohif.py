@@ -301,13 +301,18 @@ def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page,
 
     # save from OHIF's segmentation panel (Export DICOM SEG): a final label in the datastore
     page.locator("[data-cy='panelSegmentation-btn']").click()
-    page.locator("button[aria-haspopup='menu']").filter(has=page.locator("title", has_text="icon-more")).first.click()
+    page.locator("button[aria-haspopup='menu']:visible").filter(has=page.locator("title", has_text="icon-more")).first.click()
+    page.get_by_text("Export & Download").hover()
+    page.wait_for_timeout(500)
     page.get_by_text("Export DICOM SEG").click()
     page.wait_for_timeout(1000)
     shot(page, "6-export-dialog")
+    page.locator("input:visible").last.fill("brainsam labels")
     with page.expect_response(lambda r: "/proxy/dicom/" in r.url and r.request.method == "POST", timeout=STEP_MS) as stored:
         page.get_by_role("button", name="Save").click()
     assert stored.value.status == 200, stored.value.text()
+    with urllib.request.urlopen(f"{deployment.url}/datastore/?output=train", timeout=120) as response:  # what Train reads
+        assert [Path(e["image"]).name for e in json.load(response)] == [f"{series}.nii.gz"]
     label = tmp_path / "label.nii.gz"
     download(f"{deployment.url}/datastore/label?label={series}&tag=final", label)
     saved = np.asanyarray(nib.load(str(label)).dataobj)

@@ -17,7 +17,7 @@ from lib.errors import install_error_handlers
 from lib.infers.atlases import AtlasVotes
 from lib.infers.clicked import ClickedStructure
 from lib.infers.results import uncompress_nrrd
-from lib.ohif import show_segmentation_panel
+from lib.ohif import enable_saving
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -64,7 +64,7 @@ class BrainSamApp(MONAILabelApp):
         from monailabel.app import app  # the server's FastAPI app; only the server calls this
 
         install_error_handlers(app)
-        show_segmentation_panel(app)
+        enable_saving(app)
         threading.Thread(target=self._infers[self.task.name].warm_up, name="warm-up", daemon=True).start()
         super().on_init_complete()
 
