@@ -3,11 +3,14 @@
 The archive holds the sample (Colin27, 1 mm RAS) and the same head at 2 mm in IXI's PSR order.
 Through OHIF's own pages (Playwright driving Debian's Chromium): the study list, the MR series,
 the MONAI Label panel, the automatic model, a brainsam click inside the left putamen, saving the
-segmentation as DICOM SEG from OHIF's segmentation panel, and Next Sample. What OHIF shows is
-read from its segmentation volume and scored against the sample's AAL labels. Screenshots of
-each step go to runs/ohif/. The server runs without background scoring and precomputation
-(`--conf embedding_dir none`, MONAI_LABEL_AUTO_UPDATE_SCORING=false) to keep the lane short:
-the automatic model runs first and registers the built-in atlas that names the clicked structure.
+segmentation as DICOM SEG from OHIF's segmentation panel (read back voxel for voxel as the label
+Train's datalist holds), Update Model (the train process counts that label), Next Sample, and
+the automatic model on the series handed out, which registers the saved label as its atlas.
+What OHIF shows is read from its segmentation volume and compared with what the server answered
+and the sample's AAL labels. Screenshots of each step go to runs/ohif/. The server runs without
+background scoring and precomputation (`--conf embedding_dir none`,
+MONAI_LABEL_AUTO_UPDATE_SCORING=false) to keep the lane short: the automatic model runs first and
+registers the built-in atlas that names the clicked structure.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
+from monailabel.client import MONAILabelClient
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from brainsam.labels import load_label_set
@@ -100,7 +104,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     env = {**os.environ, "PORT": str(port), "ORTHANC_PORT": str(orthanc), "STATE": str(work / "state"), "STUDIES": str(studies), "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
     log = work / "ohif.log"
     with open(log, "w") as out:
-        process = subprocess.Popen(["bash", str(ROOT / "scripts" / "ohif.sh"), "--conf", "embedding_dir", "none"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        conf = ["--conf", "embedding_dir", "none", "--conf", "adapter", str(work / "adapters"), "--conf", "atlas_cache", str(work / "atlas_cache")]
+        process = subprocess.Popen(["bash", str(ROOT / "scripts" / "ohif.sh"), *conf], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + STARTUP_S
@@ -182,7 +187,7 @@ def shown(page) -> dict[int, tuple[int, int]]:
     }
 
 
-def stats(labels: np.ndarray, index_of: dict[int, int]) -> dict[int, tuple[int, int]]:
+def summary(labels: np.ndarray, index_of: dict[int, int]) -> dict[int, tuple[int, int]]:
     """The same summary for a label volume (x fastest, as OHIF stores it), values mapped by `index_of`."""
     flat = labels.reshape(-1, order="F")
     out = {}
@@ -231,6 +236,15 @@ def deepest(mask: np.ndarray) -> list[int]:
     return [int(v) for v in np.unravel_index(np.argmax(distance_transform_edt(mask)), mask.shape)]
 
 
+def wait_for_volume(page) -> None:
+    """Wait until OHIF has loaded the displayed MR volume (webpack's module table reached first)."""
+    page.wait_for_function(
+        f"() => window.webpackChunk && ({REQUIRE})() && window.__req({CORE}).cache.getVolumes().some(v => v.volumeId.startsWith('cornerstoneStreamingImageVolume') && v.loadStatus && v.loadStatus.loaded)",
+        timeout=STEP_MS,
+    )
+    page.wait_for_timeout(1000)
+
+
 def open_series(page, deployment: Deployment, patient: str) -> None:
     page.goto(f"{deployment.url}/ohif/", wait_until="networkidle", timeout=STEP_MS)
     page.get_by_text(patient, exact=True).first.wait_for(timeout=STEP_MS)
@@ -239,11 +253,33 @@ def open_series(page, deployment: Deployment, patient: str) -> None:
         hide.click()
     page.get_by_text(patient, exact=True).first.click()
     page.get_by_role("button", name="MONAI Label").click()
-    page.wait_for_function(
-        f"() => window.webpackChunk && ({REQUIRE})() && window.__req({CORE}).cache.getVolumes().some(v => v.volumeId.startsWith('cornerstoneStreamingImageVolume') && v.loadStatus && v.loadStatus.loaded)",
-        timeout=STEP_MS,
-    )
-    page.wait_for_timeout(1000)
+    wait_for_volume(page)
+
+
+def connect(page, deployment: Deployment) -> None:
+    """Connect the MONAI Label panel to the server (it forgets it whenever it is shown anew)."""
+    page.fill("#monailabelServerURL", deployment.url + "/")
+    page.locator(".settingsTable button").click()
+    page.get_by_text("Point Prompts").wait_for(timeout=STEP_MS)
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=120) as response:
+        return json.load(response)
+
+
+def train_started(deployment: Deployment) -> dict:
+    """The train task's progress once its process has listed the labelled images it trains on."""
+    client = MONAILabelClient(deployment.url)
+    deadline = time.time() + STEP_MS / 1000
+    while time.time() < deadline:
+        stats = client.info()["train_stats"].get("brainsam", {})
+        if "subjects" in stats:
+            return stats
+        if client.train_status().get("status") not in ("SUBMITTED", "RUNNING"):
+            break
+        time.sleep(1)
+    pytest.fail(f"the train process did not start:\n{deployment.log.read_text()[-3000:]}")
 
 
 def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page, tmp_path: Path) -> None:
@@ -259,9 +295,7 @@ def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page,
     shot(page, "2-series")
 
     # the MONAI Label panel, connected to this server
-    page.fill("#monailabelServerURL", deployment.url + "/")
-    page.locator(".settingsTable button").click()
-    page.get_by_text("Point Prompts").wait_for(timeout=STEP_MS)
+    connect(page, deployment)
     shot(page, "3-monai-label-panel")
 
     # the automatic model: all structures, shown as the server answered
@@ -272,10 +306,11 @@ def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page,
     assert auto.shape == reference.shape
     scores = {s.name: dice(auto == s.id, reference == s.id) for s in LABELS.structures if (reference == s.id).any()}
     assert len(scores) == 12 and min(scores.values()) > 0.6, scores
+    print(f"brainsam_auto from OHIF, Dice vs AAL per structure: min {min(scores.values()):.3f}, mean {np.mean(list(scores.values())):.3f}")
     page.wait_for_timeout(2000)
     index = segment_indices(page)
     ids_to_index = {s.id: index[s.name] for s in LABELS.structures}
-    assert shown(page) == stats(auto, ids_to_index)
+    assert shown(page) == summary(auto, ids_to_index)
     shot(page, "4-brainsam-auto")
 
     # a brainsam click inside the left putamen: the structure comes from the registered atlas
@@ -292,14 +327,16 @@ def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page,
     assert answer.value.status == 200, answer.value.text()
     assert form_params(answer.value.request.post_data)["foreground"] == [target]  # OHIF's voxel indices are the datastore's
     mask = nrrd_voxels(answer.value.body()) > 0
-    assert dice(mask, reference == putamen.id) > 0.6
+    score = dice(mask, reference == putamen.id)
+    assert score > 0.6
+    print(f"brainsam click from OHIF, Left-Putamen Dice vs AAL: {score:.3f}")
     page.wait_for_timeout(2000)
     expected = np.where(auto == putamen.id, 0, auto)  # OHIF replaces the segment, keeps the others
     expected[mask & (expected == 0)] = putamen.id
-    assert shown(page) == stats(expected, ids_to_index)
+    assert shown(page) == summary(expected, ids_to_index)
     shot(page, "5-brainsam-click")
 
-    # save from OHIF's segmentation panel (Export DICOM SEG): a final label in the datastore
+    # save from OHIF's segmentation panel (Export DICOM SEG): the final label Train reads, voxel for voxel
     page.locator("[data-cy='panelSegmentation-btn']").click()
     page.locator("button[aria-haspopup='menu']:visible").filter(has=page.locator("title", has_text="icon-more")).first.click()
     page.get_by_text("Export & Download").hover()
@@ -311,23 +348,53 @@ def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page,
     with page.expect_response(lambda r: "/proxy/dicom/" in r.url and r.request.method == "POST", timeout=STEP_MS) as stored:
         page.get_by_role("button", name="Save").click()
     assert stored.value.status == 200, stored.value.text()
-    with urllib.request.urlopen(f"{deployment.url}/datastore/?output=train", timeout=120) as response:  # what Train reads
-        assert [Path(e["image"]).name for e in json.load(response)] == [f"{series}.nii.gz"]
-    label = tmp_path / "label.nii.gz"
-    download(f"{deployment.url}/datastore/label?label={series}&tag=final", label)
-    saved = np.asanyarray(nib.load(str(label)).dataobj)
-    assert stats(saved, ids_to_index) == stats(expected, ids_to_index)
+    (entry,) = get_json(f"{deployment.url}/datastore/?output=train")  # what Train's datalist holds
+    assert Path(entry["image"]).name == f"{series}.nii.gz"
+    np.testing.assert_array_equal(np.asanyarray(nib.load(entry["label"]).dataobj), expected)
     shot(page, "7-saved")
 
-    # Next Sample hands out the other series, and OHIF opens it
+    # Update Model: the train process finds the saved label (then stopped: tests/test_train_server.py trains)
     page.locator("[data-cy='monailabel-btn']").click()
+    connect(page, deployment)
     page.get_by_text("Active Learning").click()
+    with page.expect_response(lambda r: r.url.endswith("/train/") and r.request.method == "POST", timeout=STEP_MS) as started:
+        page.get_by_role("button", name="Update Model").click()
+    assert started.value.status == 200, started.value.text()
+    stats = train_started(deployment)
+    assert stats["subjects"] == 1 and stats["state"] == "running", stats
+    with page.expect_response(lambda r: r.url.endswith("/train/") and r.request.method == "DELETE", timeout=STEP_MS) as stopped:
+        page.get_by_role("button", name="Stop Training").click()
+    assert stopped.value.status == 200, stopped.value.text()
+
+    # Next Sample hands out the other series, and OHIF opens it
     page.locator("select.actionInput").select_option("most_uncertain")
     with page.expect_response(lambda r: "/activelearning/" in r.url, timeout=STEP_MS) as sample:
         page.get_by_role("button", name="Next Sample").click()
-    assert sample.value.json()["id"] == deployment.series["colin27-2mm-psr"]
-    page.get_by_text(deployment.series["colin27-2mm-psr"]).wait_for(timeout=STEP_MS)
+    other, handed = deployment.series["colin27-2mm-psr"], sample.value.json()
+    assert sample.value.url.endswith("/activelearning/most_uncertain") and handed["id"] == other
+    page.get_by_text(other).wait_for(timeout=STEP_MS)
     shot(page, "8-next-sample")
     page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name="OK").click()
-    page.wait_for_url(f"**{sample.value.json()['StudyInstanceUID']}**", timeout=STEP_MS)
+    page.wait_for_url(f"**{handed['StudyInstanceUID']}**", timeout=STEP_MS)
+    wait_for_volume(page)
+
+    # the automatic model there registers the label saved from OHIF as its atlas
+    connect(page, deployment)
+    with page.expect_response(lambda r: "/infer/brainsam_auto" in r.url, timeout=STEP_MS) as answer:
+        page.locator("button[title='Run Segmentation']").click()
+    assert answer.value.status == 200
+    auto = nrrd_voxels(answer.value.body())
+    second = download(f"{deployment.url}/datastore/image?image={other}", tmp_path / "other.nii.gz")
+    saved = tmp_path / "saved-2mm.nii.gz"  # the saved label as the 2 mm copy was made (every second voxel)
+    nib.save(nib.Nifti1Image(expected[::2, ::2, ::2], nib.load(str(image)).affine @ np.diag([2.0, 2.0, 2.0, 1.0])), str(saved))
+    truth = on_grid(saved, second)
+    scores = {s.name: dice(auto == s.id, truth == s.id) for s in LABELS.structures if (truth == s.id).any()}
+    assert len(scores) == 17 and min(scores.values()) > 0.6, scores
+    print(f"brainsam_auto on the 2 mm PSR series (atlas: the label saved from OHIF), Dice vs that label per structure: min {min(scores.values()):.3f}, mean {np.mean(list(scores.values())):.3f}")
+    _, result = MONAILabelClient(deployment.url).infer("brainsam_auto", other, {})  # the same request: the atlases it used
+    assert result["atlases"] == [series]
+    page.wait_for_timeout(2000)
+    index = segment_indices(page)
+    assert shown(page) == summary(auto, {s.id: index[s.name] for s in LABELS.structures})
+    shot(page, "9-next-sample-auto")

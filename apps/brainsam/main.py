@@ -17,7 +17,7 @@ from lib.errors import install_error_handlers
 from lib.infers.atlases import AtlasVotes
 from lib.infers.clicked import ClickedStructure
 from lib.infers.results import uncompress_nrrd
-from lib.ohif import enable_saving
+from lib.ohif import serve_fixed_ohif
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -59,12 +59,12 @@ class BrainSamApp(MONAILabelApp):
         return StudiesDatastore(self.studies)
 
     def on_init_complete(self) -> None:
-        """Server only: 4xx for bad requests, OHIF able to save, and the network and atlases
+        """Server only: 4xx for bad requests, OHIF's fixed scripts, and the network and atlases
         loaded before the first click."""
         from monailabel.app import app  # the server's FastAPI app; only the server calls this
 
         install_error_handlers(app)
-        enable_saving(app)
+        serve_fixed_ohif(app)
         threading.Thread(target=self._infers[self.task.name].warm_up, name="warm-up", daemon=True).start()
         super().on_init_complete()
 

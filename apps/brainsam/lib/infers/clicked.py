@@ -32,8 +32,11 @@ class ClickedStructure:
         self._names: Lru[str] = Lru(NAMES_KEPT)
 
     def __call__(self, path: str, foreground: Any) -> str:
-        """The structure's name; 400 without a usable first click, 409 while no atlas is
-        registered on the image, 422 where the atlases place no structure of the label set."""
+        """The structure's name; 400 without a usable first click or with atlas guidance off,
+        409 while no atlas is registered on the image, 422 where the atlases place no
+        structure of the label set."""
+        if self.votes is None:
+            raise HTTPException(400, "label must name a structure: this server runs with guide_atlases false, so no registered atlas names the one clicked")
         click = first_click(foreground)
         stat = os.stat(path)
         key = (path, stat.st_mtime_ns, stat.st_size, click)
@@ -50,7 +53,7 @@ class ClickedStructure:
             raise HTTPException(422, str(error)) from error
         if any(not 0 <= c < n for c, n in zip(click, volume.stored_shape)):
             raise HTTPException(400, f"foreground click {list(click)} lies outside the image (shape {list(volume.stored_shape)})")
-        fusion = self.votes.on(path, volume) if self.votes is not None else None
+        fusion = self.votes.on(path, volume)
         if fusion is None:
             raise HTTPException(409, "no structure name was sent (OHIF sends clicks only) and no atlas is registered on this image yet to name the one clicked: wait for the server's background scoring, or run brainsam_auto once, then click again")
         value = int(fusion.labels()[tuple(volume.to_canonical_index(click)[0])])
@@ -65,5 +68,5 @@ def first_click(foreground: Any) -> tuple[int, int, int]:
     try:
         i, j, k = (int(v) for v in foreground[0])
     except (TypeError, ValueError, IndexError, KeyError) as error:
-        raise HTTPException(400, "no structure name (`label`) and no foreground click to find it by: click inside the structure first") from error
+        raise HTTPException(400, "label must name a structure, or a foreground click lie inside one for the registered atlases to name it: neither was sent") from error
     return i, j, k
