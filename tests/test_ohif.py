@@ -31,11 +31,17 @@ from typing import Any, Iterator
 import nibabel as nib
 import nrrd
 import numpy as np
+import pydicom
 import pytest
+from dicomweb_client import DICOMwebClient
 from monailabel.client import MONAILabelClient
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from pydicom.uid import generate_uid
 
+from brainsam.io.dicom import SeriesNames, nifti_to_series
 from brainsam.labels import load_label_set
+
+from .test_server import Subject, refused
 
 pytestmark = pytest.mark.ohif
 
@@ -398,3 +404,31 @@ def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page,
     index = segment_indices(page)
     assert shown(page) == summary(auto, {s.id: index[s.name] for s in LABELS.structures})
     shot(page, "9-next-sample-auto")
+
+
+def test_series_that_cannot_be_segmented_are_refused_with_the_reason(deployment: Deployment, tmp_path: Path) -> None:
+    """Through the server on the archive: an id that is not a UID, an unknown series, and series
+    that are not one 3D MR volume (a single MR slice, a CT slice) answer 4xx with the reason.
+    The two series stored here are deleted from Orthanc afterwards (Next Sample must not see them)."""
+    files = nifti_to_series(SAMPLE, tmp_path / "series", SeriesNames("refused"))
+    single, ct = pydicom.dcmread(str(files[0])), pydicom.dcmread(str(files[1]))
+    for dataset, modality in ((single, "MR"), (ct, "CT")):
+        dataset.SeriesInstanceUID, dataset.SOPInstanceUID, dataset.Modality = generate_uid(), generate_uid(), modality
+    DICOMwebClient(deployment.dicomweb).store_instances([single, ct])
+    try:
+        client = MONAILabelClient(deployment.url)
+        request = {"label": "Left-Putamen", "foreground": [[90, 120, 80]]}
+        for image, status, reason in [
+            ("../../etc/passwd", 400, "image must be a SeriesInstanceUID"),
+            ("1.2.3.4", 404, "series 1.2.3.4 not found in the DICOMweb archive"),
+            (single.SeriesInstanceUID, 422, "a 3D volume needs 2 slices or more"),
+            (ct.SeriesInstanceUID, 422, "its modality is CT"),
+        ]:
+            assert reason in refused(status, client, Subject(image, (), np.eye(4), np.zeros(0), {}), request), image
+    finally:
+        orthanc = deployment.dicomweb.removesuffix("/dicom-web")
+        for dataset in (single, ct):
+            lookup = urllib.request.Request(f"{orthanc}/tools/lookup", data=dataset.SeriesInstanceUID.encode(), method="POST")
+            with urllib.request.urlopen(lookup, timeout=60) as response:
+                for found in json.load(response):
+                    urllib.request.urlopen(urllib.request.Request(f"{orthanc}/series/{found['ID']}", method="DELETE"), timeout=60).close()
