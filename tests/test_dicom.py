@@ -17,7 +17,7 @@ from brainsam.labels import load_label_set
 from tests.conftest import require_data
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "sample-data" / "studies" / "colin27.nii.gz"
+SAMPLE = ROOT / "sample-data" / "studies" / "mni152.nii.gz"
 
 
 def round_trip(source: Path, tmp_path: Path) -> tuple[nib.Nifti1Image, nib.Nifti1Image, list[Path]]:
@@ -75,7 +75,7 @@ def test_seg_segments_are_read_by_name_onto_the_series_grid(tmp_path: Path) -> N
     labels_set = load_label_set()
     files = nifti_to_series(SAMPLE, tmp_path / "series", SeriesNames("test"))
     reference = sitk.ReadImage(str(series_to_nifti(tmp_path / "series", tmp_path / "image.nii.gz")))
-    labels = sitk.ReadImage(str(ROOT / "sample-data" / "reference" / "colin27.nii.gz"))
+    labels = sitk.ReadImage(str(ROOT / "sample-data" / "reference" / "mni152.nii.gz"))
     labels.CopyInformation(reference)
     seg = labels_to_seg(labels, labels_set, files)
     for number, segment in enumerate(seg.SegmentSequence, start=1):  # renumber as a viewer might
