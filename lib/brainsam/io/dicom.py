@@ -14,8 +14,11 @@ voxel), never resampled.
 from __future__ import annotations
 
 import hashlib
+import locale
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -99,6 +102,17 @@ def uid(digest: str, *parts: object) -> str:
     return generate_uid(prefix=None, entropy_srcs=[digest, *map(str, parts)])
 
 
+@contextmanager
+def locale_kept() -> Iterator[None]:
+    """Restore the process's locale on leaving: GDCM's writer sets it to "C" and leaves it so,
+    after which Python reads text files as ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def nifti_to_series(nifti: str | Path, folder: str | Path, names: SeriesNames) -> list[Path]:
     """Write the NIfTI volume at `nifti` as an MR series into `folder`; return the files, in
     slice order. UIDs derive from the file's content. Raises SeriesError for images DICOM cannot
@@ -148,7 +162,8 @@ def nifti_to_series(nifti: str | Path, folder: str | Path, names: SeriesNames) -
         plane.SetMetaData("0020|0032", "\\".join(ds(v) for v in position))
         files.append(folder / f"{k + 1:04d}.dcm")
         writer.SetFileName(str(files[-1]))
-        writer.Execute(plane)
+        with locale_kept():
+            writer.Execute(plane)
         if values.rescaled:
             add_rescale(files[-1], values)
     return files
