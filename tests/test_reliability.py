@@ -244,7 +244,7 @@ def test_odd_but_valid_images_segment_on_their_own_grid(server: Restartable, sub
         record(case, f"200: mask on the image's own grid and affine, Dice {score:.2f} inside the box ({seconds:.0f} s)")
 
 
-def test_bad_prompts_answer_400_with_what_to_fix(server: Restartable, subjects: dict[str, Subject], tmp_path: Path) -> None:
+def test_bad_prompts_answer_4xx_with_what_to_fix(server: Restartable, subjects: dict[str, Subject], tmp_path: Path) -> None:
     client = server.server.client("prompts", tmp_path)
     subject = subjects["phantom"]
     click = [24, 24, 20]
@@ -257,7 +257,6 @@ def test_bad_prompts_answer_400_with_what_to_fix(server: Restartable, subjects: 
         ("clicks not a list", {"label": LABEL, "foreground": "here"}, "voxel indices"),
         ("only a background click", {"label": LABEL, "background": [click]}, "at least one foreground click or an roi"),
         ("unknown label", {"label": "Left-Nowhere", "foreground": [click]}, "choose one of"),
-        ("no label", {"foreground": [click]}, "label must name a structure"),
         ("no prompt at all", {"label": LABEL}, "at least one foreground click or an roi"),
         ("roi of 4 numbers", {"label": LABEL, "roi": [1, 2, 3, 4]}, "roi must be 6 numbers"),
         ("roi outside the image", {"label": LABEL, "roi": [900, 990, 0, 10, 0, 10]}, "outside the image"),
@@ -270,6 +269,10 @@ def test_bad_prompts_answer_400_with_what_to_fix(server: Restartable, subjects: 
         detail = refused(400, client, subject, params)
         assert message in detail, (case, detail)
         record(case, refusal(400, detail))
+    # OHIF names no structure: the registered atlases name the clicked one, none is registered yet
+    detail = refused(409, client, subject, {"foreground": [click]})
+    assert "no atlas is registered on this image yet" in detail
+    record("no label, a click (as OHIF sends), no atlas registered on the image yet", refusal(409, detail))
     straight, _ = infer(client, subject, {"label": LABEL, "roi": roi, "reset_state": True})
     inverted, result = infer(client, subject, {"label": LABEL, "roi": [roi[1], roi[0], roi[3], roi[2], roi[5], roi[4]]})
     assert result["interaction"] == "segment" and straight.any() and np.array_equal(inverted, straight)

@@ -1,6 +1,6 @@
-"""MONAI Label app: click or box a deep brain structure in 3D Slicer, get its 3D mask from brainsam.
+"""MONAI Label app: click or box a deep brain structure in 3D Slicer or OHIF, get its 3D mask from brainsam.
 
-    monailabel start_server --app apps/brainsam --studies DIR [--conf KEY VALUE ...]
+    monailabel start_server --app apps/brainsam --studies DIR|DICOMWEB_URL [--conf KEY VALUE ...]
 
 Settings (--conf) are listed in lib/configs/brainsam.py.
 """
@@ -12,8 +12,14 @@ from typing import Any, Dict, Optional
 
 from lib.configs import BrainSam
 from lib.datastore import StudiesDatastore, datastore_image
+from lib.dicomweb import DicomWebStudies
 from lib.errors import install_error_handlers
+from lib.infers.atlases import AtlasVotes
+from lib.infers.clicked import ClickedStructure
+from lib.infers.results import uncompress_nrrd
+from lib.ohif import serve_fixed_ohif
 
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -44,26 +50,39 @@ class BrainSamApp(MONAILabelApp):
         )
 
     def init_datastore(self) -> Datastore:
-        """A local studies folder refuses ids and tags that would name files outside it."""
+        """A local studies folder refuses ids and tags that would name files outside it; a
+        DICOMweb archive (OHIF's datastore) serves MR series with DICOM SEG labels."""
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            self.studies = self.studies.rstrip("/")
+            cache = settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or settings.MONAI_LABEL_DATASTORE_CACHE_PATH
+            return DicomWebStudies(self.studies, self.task.label_set, cache)
         return StudiesDatastore(self.studies)
 
     def on_init_complete(self) -> None:
-        """Server only: 4xx for bad requests, and the network and atlases loaded before the first click."""
+        """Server only: 4xx for bad requests, OHIF's fixed scripts, and the network and atlases
+        loaded before the first click."""
         from monailabel.app import app  # the server's FastAPI app; only the server calls this
 
         install_error_handlers(app)
+        serve_fixed_ohif(app)
         threading.Thread(target=self._infers[self.task.name].warm_up, name="warm-up", daemon=True).start()
         super().on_init_complete()
 
     def infer(self, request: Dict[str, Any], datastore: Optional[Datastore] = None) -> Dict[str, Any]:
         """Inference reads datastore images only: `image` (query or params) is an id, never a path."""
         image = datastore_image(request.get("image"), datastore or self.datastore(), self.sessions())
-        return super().infer({**request, "image": image}, datastore)
+        request = {**request, "image": image}
+        if request.get("model") == self.task.name and not request.get("label"):
+            request["label"] = self.clicked_structure(image, request.get("foreground"))  # OHIF names none
+        result = super().infer(request, datastore)
+        if request.get("result_compress") is False and str(result.get("file")).endswith(".nrrd"):
+            uncompress_nrrd(result["file"])
+        return result
 
     def init_infers(self) -> Dict[str, InferTask]:
         datastore = self.datastore()
+        votes = AtlasVotes(datastore, self.task.atlas_pool, self.task.atlas_cache) if self.task.guide_atlases else None
+        self.clicked_structure = ClickedStructure(votes, self.task.label_set)
         return {self.task.name: self.task.infer(datastore), f"{self.task.name}_auto": self.task.auto_infer(datastore)}
 
     def init_trainers(self) -> Dict[str, TrainTask]:

@@ -35,3 +35,13 @@ def write_nrrd(stored: np.ndarray, affine: np.ndarray, path: str) -> None:
         "encoding": "gzip",
     }
     nrrd.write(path, stored, header)
+
+
+def uncompress_nrrd(path: str) -> None:
+    """Rewrite a gzip-encoded NRRD file with raw encoding. OHIF asks for uncompressed results
+    (`result_compress: false`) and its reader cannot inflate a gzip NRRD whose voxel count is
+    odd (it views the bytes as 16-bit values)."""
+    data, header = nrrd.read(path)
+    if header.get("encoding") == "gzip":
+        nrrd.write(path, data, {**header, "encoding": "raw"})
+
