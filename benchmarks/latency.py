@@ -110,9 +110,8 @@ def start_background(server: Server, kind: str) -> None:
     if kind == "train":
         server.client("bench-trainer", Path(".")).train_start(MODEL, {"iterations": 100000, "max_minutes": 60, "validate_every": 100000})
         return
-    for method in ("uncertainty", "precompute_embeddings"):
-        status, response, _, _ = MONAILabelUtils.http_method("POST", server.url, f"/scoring/{method}")
-        assert status == 200, f"scoring {method} did not start: {status} {response}"
+    status, response, _, _ = MONAILabelUtils.http_method("POST", server.url, "/scoring/uncertainty")
+    assert status == 200, f"scoring did not start: {status} {response}"
 
 
 def stop_background(server: Server, kind: str) -> bool:

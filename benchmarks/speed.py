@@ -1,23 +1,22 @@
 """Eager float32 against the path brainsam.runtime chooses, side by side in one run.
 
-    nice -n 5 .venv/bin/python -m benchmarks.speed [--parts encoder decoder train compile prepare] \
+    nice -n 5 .venv/bin/python -m benchmarks.speed [--parts encoder decoder compile prepare] \
         [--repeats 3] [--atlases 5] [--runtime auto]
 
-Prints, for each part, the seconds of eager float32 (today's path) and of the chosen path
-(`--runtime`, default auto: what a server on this machine runs) and their ratio:
+Prints, for each part, the seconds of eager float32 and of the chosen path (`--runtime`,
+default auto: what a server on this machine runs) and their ratio:
 - encoder: the LiteMedSAM image encoder on a batch of 4 slices (what a click encodes at once),
   per slice, and the chosen path's relative error on the embeddings;
-- decoder: prompt encoder + mask decoder on one slice's embedding: a box, a click (three
-  candidate masks), 8 boxes at once;
-- train: a training step, forward and backward through the LoRA-adapted upper stages of the
-  encoder (configs/training/litemedsam.yaml: blocks 6-9, the neck) and the decoder, for 4
-  structures and 3 rounds with the previous logits fed back, as brainsam.train steps;
+- decoder: the segmenter's decoding (Backbone.decode_dense) of 16 slices of one structure on a
+  16x16 crop of the token grid with a box and the dense prompt, and of 5 slices with a click
+  (what a correction re-decodes);
 - compile: what a server's warm-up (Predictor.warm_up) costs in a new process, with an empty
   compile cache (cold) and with the cache the cold one left (warm);
-- prepare: a new 1 mm image made ready as the server's scoring makes it: `--atlases` labelled
-  fs-aseg subjects registered onto fs-aseg sub-01 (brainsam.auto.first_pass, once: it runs no
-  network) plus the precomputation of its slices (Engine.precompute), eager and chosen; also in
-  units of the eager encoder's seconds per slice (the issue's goal: <= 45).
+- prepare: a new 1 mm image made ready as the server's uncertainty scoring makes it: `--atlases`
+  labelled fs-aseg subjects registered onto fs-aseg sub-01 (once: no network runs in it), then
+  the segmenter's automatic pass over the 17 structures, which encodes and stores the
+  deep-brain slices a click reads (brainsam.auto.first_pass), eager and chosen; also in units
+  of the eager encoder's seconds per slice (the issue's goal: <= 45).
 Rounds alternate between the paths, so load from other work hits both alike; the load average
 is printed. Times are the best of `--repeats` (wall clock; CPU seconds beside them). Needs
 ../shared/data for `prepare`. Prints figures only.
@@ -35,18 +34,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from monai.losses import DiceFocalLoss
 
-from brainsam.activations import SplitEncoder
-from brainsam.backbones import LOW_RES, Backbone, load_backbone
+from brainsam.backbones import DENSE_CHANNELS, Backbone, load_backbone
 from brainsam.config import load_config
-from brainsam.lora import add_lora
 from brainsam.runtime import Choice, Runtime
-from brainsam.train import load_train_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "fs-aseg"
-PARTS = ("encoder", "decoder", "train", "compile", "prepare")
+PARTS = ("encoder", "decoder", "compile", "prepare")
 BATCH = 4
 TARGET = "sub-01"
 
@@ -88,46 +83,21 @@ def encoder(backbone: Backbone, chosen: Runtime, repeats: int) -> float:
 
 
 def decoder(backbone: Backbone, chosen: Runtime, repeats: int) -> None:
-    """Decoder lines: a box, a click with three candidates, 8 boxes."""
-    embedding = torch.randn(256, 64, 64)
-    box = torch.tensor([60.0, 70.0, 120.0, 140.0])
-    point, label = torch.tensor([[90.0, 100.0]]), torch.tensor([1])
-    eager = backbone.decode_batch
-    fast = chosen.decoder(backbone.decode_batch)
-    cases = {
-        "decoder: a box": lambda f: f(embedding, None, None, box[None], None),
-        "decoder: a click (3 masks)": lambda f: f(embedding, point[None], label[None], None, None, True),
-        "decoder: 8 boxes": lambda f: f(embedding, None, None, box.repeat(8, 1), None),
-    }
+    """Decoder lines: the segmenter's first answer on 16 slices and a correction on 5."""
+    tokens = (20, 36, 24, 40)
+    side = 4 * (tokens[1] - tokens[0])
+    cases = {}
+    for name, count, clicked in (("decoder: 16 slices, box", 16, False), ("decoder: 5 slices, click", 5, True)):
+        embeddings = torch.randn(count, 256, tokens[1] - tokens[0], tokens[3] - tokens[2])
+        dense = torch.randn(count, len(DENSE_CHANNELS), side, side)
+        boxes = torch.tensor([[440.0, 340.0, 560.0, 460.0]]).repeat(count, 1)
+        points = torch.tensor([[[500.0, 400.0]]]).repeat(count, 1, 1) if clicked else None
+        labels = torch.ones(count, 1, dtype=torch.int64) if clicked else None
+        cases[name] = (embeddings, tokens, dense, boxes, points, labels)
+    fast = chosen.decoder(backbone.decode_dense)
     with torch.inference_mode():
-        for name, case in cases.items():
-            report(name, timed({"eager": lambda: case(eager), str(chosen.choice): lambda: case(fast)}, repeats), unit="s")
-
-
-def train_step(backbone: Backbone, chosen: Runtime, repeats: int) -> None:
-    """Training step lines (see module doc)."""
-    settings = load_train_settings("litemedsam")
-    add_lora(backbone, settings.lora_settings())
-    split = SplitEncoder(backbone)
-    activations = split.below(torch.rand(1, backbone.input_size, backbone.input_size))
-    boxes = torch.tensor([[40.0, 40.0, 90.0, 100.0], [120.0, 60.0, 160.0, 110.0], [60.0, 130.0, 110.0, 170.0], [150.0, 150.0, 200.0, 190.0]])
-    targets = torch.zeros(4, 1, LOW_RES, LOW_RES)
-    for row, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
-        targets[row, 0, y0 + 5 : y1 - 5, x0 + 5 : x1 - 5] = 1
-    loss = DiceFocalLoss(sigmoid=True)
-
-    def step(above: Callable, decode: Callable) -> None:
-        embedding = above(activations)[0]
-        previous, total = None, 0.0
-        for _ in range(3):
-            logits, iou = decode(embedding, None, None, boxes, previous)
-            total = total + loss(logits[:, :1], targets) + (iou[:, 0] - 0.5).square().mean()
-            previous = logits[:, 0].detach()
-        total.backward()
-        backbone.zero_grad(set_to_none=True)
-
-    above, decode = chosen.train_step(split.above), chosen.train_step(backbone.decode_batch)
-    report("train step (4 x 3 decodes)", timed({"eager": lambda: step(split.above, backbone.decode_batch), str(chosen.choice): lambda: step(above, decode)}, repeats))
+        for name, arguments in cases.items():
+            report(name, timed({"eager": lambda: backbone.decode_dense(*arguments), str(chosen.choice): lambda: fast(*arguments)}, repeats))
 
 
 PROBE = """
@@ -152,7 +122,7 @@ def compile_cost(setting: str) -> None:
 
 
 def prepare(setting: str, atlases: int, eager_per_slice: float | None) -> None:
-    """A new image made ready: registrations once, then precomputation eager and chosen."""
+    """A new image made ready: registrations once, then the segmenter's pass eager and chosen."""
     from brainsam.atlas import load_atlas
     from brainsam.auto import first_pass
     from brainsam.engine import Engine
@@ -162,22 +132,24 @@ def prepare(setting: str, atlases: int, eager_per_slice: float | None) -> None:
     labels = load_label_set()
     mapping = load_mapping(ROOT / "configs" / "mappings" / "aseg.yaml")
     names = [p.name for p in sorted(DATA.iterdir()) if p.name != TARGET][:atlases]
-    image = DATA / TARGET / "T1.nii.gz"
+    volume = load_volume(DATA / TARGET / "T1.nii.gz")
     with tempfile.TemporaryDirectory() as folder:
+        cache = Path(folder) / "atlas_cache"
         began = time.perf_counter()
         found = [load_atlas(DATA / n / "T1.nii.gz", DATA / n / "aseg.nii.gz", mapping, labels, name=n).prepared() for n in names]
-        first_pass(found, load_volume(image), labels, None, cache=Path(folder) / "atlas_cache")
+        first_pass(found, volume, labels, None, cache=cache)
         registration = time.perf_counter() - began
         print(f"  {'registration':<26} {len(found)} atlases onto {TARGET}: {registration:.1f} s (no network: the same for both paths)", flush=True)
         seconds = {}
         for path in ("eager", setting):
-            engine = Engine(load_config(runtime=path, embedding_dir=str(Path(folder) / path), encode_batch=1))
+            engine = Engine(load_config(runtime=path, embedding_dir=str(Path(folder) / path)))
             with torch.inference_mode():
                 engine.predictor.warm_up()  # compiled before: the server's scoring finds the cache warm
             began = time.perf_counter()
-            encoded = engine.precompute(image)
+            first_pass(found, volume, labels, engine, cache=cache)
             seconds[path] = time.perf_counter() - began
-            print(f"  {'precompute':<26} {str(engine.predictor.runtime.choice):<22} {seconds[path]:8.1f} s for {encoded} slices", flush=True)
+            encoded = engine.predictor.counts["encode"]
+            print(f"  {'segmenter pass':<26} {str(engine.predictor.runtime.choice):<22} {seconds[path]:8.1f} s, {encoded} slices encoded", flush=True)
         for path, value in seconds.items():
             total = registration + value
             relative = f", {total / eager_per_slice:.0f}x the eager encoder's s/slice" if eager_per_slice else ""
@@ -200,8 +172,6 @@ def main() -> None:
         eager_per_slice = encoder(load_backbone("litemedsam"), chosen, args.repeats)
     if "decoder" in args.parts:
         decoder(load_backbone("litemedsam"), chosen, args.repeats)
-    if "train" in args.parts:
-        train_step(load_backbone("litemedsam"), chosen, args.repeats)
     if "compile" in args.parts:
         compile_cost(args.runtime)
     if "prepare" in args.parts:

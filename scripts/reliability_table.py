@@ -1,11 +1,11 @@
-"""Regenerate the README's reliability table from a run of tests/test_reliability.py.
+"""Regenerate the reliability table (docs/reliability.md) from a run of tests/test_reliability.py.
 
     .venv/bin/python scripts/reliability_table.py [--rows FILE]
 
 Runs the tests (about 5 minutes on 2 idle cores) with BRAINSAM_RELIABILITY_ROWS set, so each
 passing check writes its row (case, what the server answered), and replaces the table between
-the markers START and END in the README section SECTION. If a test fails, the README is left
-as it was.
+the markers START and END of docs/reliability.md (section SECTION). If a test fails, the file is
+left as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = "## Reliability: what was tried and what happens"
+SECTION = "# Reliability: what was tried and what happens"
+TABLE_FILE = ROOT / "docs" / "reliability.md"
 START, END = "<!-- reliability-table: start -->", "<!-- reliability-table: end -->"
 INTRO = (
     "Each row is a check of `tests/test_reliability.py` against the real server (and its train\n"
@@ -46,11 +47,11 @@ def render(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_table(readme: str, body: str) -> str:
-    """`readme` with the text between START and END (in SECTION) replaced by `body`."""
-    if readme.count(START) != 1 or readme.count(END) != 1:
-        raise SystemExit(f"README.md must hold the markers {START} and {END} once each, in {SECTION}")
-    head, rest = readme.split(START)
+def replace_table(text: str, body: str) -> str:
+    """`text` with the text between START and END (in SECTION) replaced by `body`."""
+    if text.count(START) != 1 or text.count(END) != 1:
+        raise SystemExit(f"{TABLE_FILE.name} must hold the markers {START} and {END} once each, in {SECTION}")
+    head, rest = text.split(START)
     return f"{head}{START}\n{body}{END}{rest.split(END)[1]}"
 
 
@@ -61,12 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         rows = args.rows or Path(folder) / "rows.json"
         if args.rows is None and run_tests(rows) != 0 or not rows.is_file():
-            print("tests failed: README left unchanged", file=sys.stderr)
+            print(f"tests failed: {TABLE_FILE} left unchanged", file=sys.stderr)
             return 1
         body = render(json.loads(rows.read_text()))
-    readme = ROOT / "README.md"
-    readme.write_text(replace_table(readme.read_text(), body))
-    print(f"README.md: the table of {SECTION!r} rewritten")
+    TABLE_FILE.write_text(replace_table(TABLE_FILE.read_text(), body))
+    print(f"{TABLE_FILE.relative_to(ROOT)}: the table of {SECTION!r} rewritten")
     return 0
 
 

@@ -19,13 +19,14 @@ from monailabel.client.client import MONAILabelUtils
 
 from brainsam.labels import load_label_set
 
-from .test_server import STARTUP_S, Server, Subject, correction, deepest, dice, infer, load_subject, read_mask, running_server, wait_for_scoring
+from .test_server import Server, Subject, correction, deepest, dice, infer, load_subject, read_mask, running_server, wait_for_scoring
 
 pytestmark = pytest.mark.server
 
 LABELLED = ("IXI012-HH-1211", "IXI013-HH-1212")
 UNLABELLED = ("IXI014-HH-1236", "IXI015-HH-1258")
 LABEL_SET = load_label_set()
+SCORING_S = 900  # two 2 mm images: registrations, then the segmenter over 17 structures (eager, 2 cores)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_info_lists_the_automatic_model_scoring_and_strategy(server: Server) -> 
 def test_scoring_writes_uncertainty_for_every_unlabelled_image(server: Server) -> None:
     status, _, _, _ = MONAILabelUtils.http_method("POST", server.url, "/scoring/uncertainty", {})
     assert status == 200
-    assert wait_for_scoring(server.url, STARTUP_S)["status"] == "DONE"
+    assert wait_for_scoring(server.url, SCORING_S)["status"] == "DONE"
     objects = datastore(server.url)
     for name in UNLABELLED:
         values = objects[name]["image"]["info"]["uncertainty"]
@@ -90,15 +91,17 @@ def test_scoring_writes_uncertainty_for_every_unlabelled_image(server: Server) -
 
 
 def test_clicks_are_answered_by_the_segmenter_prompted_by_the_registered_atlases(server: Server, subjects: dict[str, Subject], tmp_path: Path) -> None:
-    """Once scoring has registered the labelled images onto an unlabelled one, the segmenter
-    answers a first click inside a structure from their prior, and corrective clicks (Slicer
-    sends all so far) refine it without losing the structure."""
+    """Once scoring has registered the labelled images onto an unlabelled one (and stored the
+    embeddings of the slices the segmenter reads), the segmenter answers a first click inside a
+    structure from their prior without encoding a slice, and corrective clicks (Slicer sends
+    all so far) refine it without losing the structure."""
     target = subjects[UNLABELLED[0]]
     truth = target.truth("Left-Thalamus")
     client = server.client("guided", tmp_path)
     prompts = {"label": "Left-Thalamus", "foreground": [deepest(truth)], "background": [], "reset_state": True}
     mask, result = infer(client, target, prompts)
     assert result["answer"] == "segmenter" and result["interaction"] == "segment"
+    assert result["encoded_slices"] == 0
     first = dice(mask, truth)
     assert first > 0.6  # measured 0.84 by the atlases alone (two 2 mm atlases); the base model keeps their answer
     prompts["reset_state"] = False

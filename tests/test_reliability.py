@@ -8,7 +8,7 @@ most a few slice encodings.
 
 Each check that passes records a row (case, what happens, as answered by the server); with
 BRAINSAM_RELIABILITY_ROWS=FILE the rows are written to FILE at the end of the module, which
-`python scripts/reliability_table.py` turns into the README's reliability table.
+`python scripts/reliability_table.py` turns into the reliability table of docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ TEMPORARY_FOLDERS = re.compile(r"(\.{0,2}/[^/\s'\"]+)+/")  # the folder part of 
 
 
 def record(case: str, outcome: str) -> None:
-    """A row of the README's reliability table; called only once the check behind it passed."""
+    """A row of the reliability table (docs/reliability.md); called only once the check behind it passed."""
     ROWS.append({"case": case, "outcome": outcome})
 
 

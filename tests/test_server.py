@@ -373,17 +373,17 @@ def test_newest_adapter_serves_without_restart_and_bad_ones_are_refused(server: 
 
 
 def test_start_up_precomputes_embeddings_for_the_first_click(tmp_path: Path) -> None:
-    """MONAI Label's scoring run at start-up encodes the central slices of every image into the
-    store (an unreadable image is logged and skipped); a first prompt on those slices then
-    encodes nothing. (A narrow phantom and precompute_mm 1 keep it to 3 slices; no time for
-    the uncertainty scoring, which runs first, so no atlas guides the prompt.)"""
+    """Without atlas guidance, MONAI Label's scoring run at start-up encodes the central slices
+    of every image into the store (an unreadable image is logged and skipped); a first prompt on
+    those slices then encodes nothing. (A narrow phantom and precompute_mm 1 keep it to 3
+    slices. With guidance the uncertainty scoring readies the segmenter's window instead.)"""
     studies = tmp_path / "studies"
     studies.mkdir()
     image, truth = make_phantom(**NARROW_PHANTOM)
     nib.save(nib.Nifti1Image(image, np.eye(4)), studies / "phantom.nii.gz")
     (studies / "broken.nii.gz").write_bytes(b"not an image")
     phantom = Subject("phantom", image.shape, np.eye(4), truth.astype(np.uint8), {"Left-Putamen": 1})
-    with running_server(studies, tmp_path / "server", precompute=True, conf={"precompute_mm": "1", "uncertainty_budget_s": "0"}) as server:
+    with running_server(studies, tmp_path / "server", precompute=True, conf={"precompute_mm": "1", "uncertainty_budget_s": "0", "guide_atlases": "false"}) as server:
         assert wait_for_scoring(server.url, STARTUP_S)["status"] == "DONE"
         log = server.log.read_text()
         assert "precompute: skipped broken" in log and "precompute: phantom: 3 slices encoded" in log

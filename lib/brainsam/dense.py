@@ -10,6 +10,9 @@ The decoder of every slice sees, besides its image embedding and its box, a stac
   with the distance in mm to the slice it was made on, so one click reaches the neighbouring
   slices it concerns and training learns how far that is.
 
+The decoder's answer is then made to honour every click (`honour_clicks`): the clicked pixel
+always ends on the click's side, the change fading round it in 3D as its spot does.
+
 Slices are indexed along the working axis; rows and columns are low-res pixels of the window.
 """
 
@@ -33,6 +36,8 @@ REACH_MM = 3.0
 """Standard deviation, across slices, of how a click's spot fades."""
 FAINTEST = 0.01
 """A click reaches the slices where its spot is at least this strong (2.9 REACH_MM away)."""
+CLICK_MARGIN = 2.0
+"""The logit a click's own pixel ends with at least, on the click's side (probability 0.88)."""
 
 CHANNEL = {name: index for index, name in enumerate(DENSE_CHANNELS)}
 
@@ -64,16 +69,39 @@ def click_spots(clicks: list[Click], slices: list[int], shape: tuple[int, int], 
     shape, origin: size and first (row, col) of the crop of the low-res grid. mm: spacing of
     slices, rows and columns. Where spots overlap, the strongest holds."""
     out = torch.zeros(len(slices), 2, *shape)
+    for click in clicks:
+        channel = 0 if click.foreground else 1
+        out[:, channel] = torch.maximum(out[:, channel], click_spot(click, slices, shape, origin, mm))
+    return out
+
+
+def click_spot(click: Click, slices: list[int], shape: tuple[int, int], origin: tuple[int, int], mm: tuple[float, float, float]) -> torch.Tensor:
+    """One click's spot on `slices` (len(slices), rows, cols): 1 at its pixel, a Gaussian of
+    SPOT_MM in the plane, fading by REACH_MM across slices, zero below FAINTEST."""
     rows = torch.arange(origin[0], origin[0] + shape[0], dtype=torch.float32)[:, None]
     cols = torch.arange(origin[1], origin[1] + shape[1], dtype=torch.float32)[None, :]
+    spot = torch.exp(-(((rows - click.row) * mm[1]) ** 2 + ((cols - click.col) * mm[2]) ** 2) / (2 * SPOT_MM**2))
+    across = torch.tensor([math.exp(-(((index - click.slice) * mm[0]) ** 2) / (2 * REACH_MM**2)) for index in slices])
+    across[across < FAINTEST] = 0.0
+    return across[:, None, None] * spot
+
+
+def honour_clicks(logits: torch.Tensor, clicks: list[Click], slices: list[int], origin: tuple[int, int], mm: tuple[float, float, float]) -> torch.Tensor:
+    """`logits` (len(slices), rows, cols) moved by each click in turn just enough that the
+    click's own pixel ends CLICK_MARGIN on its side, the move fading with the click's spot.
+    Whatever the network learned, the answer follows the annotator where they clicked and
+    round it in 3D; where the network already agrees, nothing moves. Clicks off these slices
+    or off the crop are left to the network."""
     for click in clicks:
-        spot = torch.exp(-(((rows - click.row) * mm[1]) ** 2 + ((cols - click.col) * mm[2]) ** 2) / (2 * SPOT_MM**2))
-        channel = 0 if click.foreground else 1
-        for position, index in enumerate(slices):
-            strength = math.exp(-(((index - click.slice) * mm[0]) ** 2) / (2 * REACH_MM**2))
-            if strength >= FAINTEST:
-                out[position, channel] = torch.maximum(out[position, channel], strength * spot)
-    return out
+        row, col = round(click.row) - origin[0], round(click.col) - origin[1]
+        if click.slice not in slices or not (0 <= row < logits.shape[1] and 0 <= col < logits.shape[2]):
+            continue
+        position, sign = slices.index(click.slice), 1.0 if click.foreground else -1.0
+        spot = click_spot(click, slices, tuple(logits.shape[1:]), origin, mm).to(logits.device)
+        needed = float(CLICK_MARGIN - sign * logits[position, row, col].detach())
+        if needed > 0:
+            logits = logits + sign * needed / float(spot[position, row, col]) * spot
+    return logits
 
 
 def dense_prompt(prior: torch.Tensor | None, previous: torch.Tensor | None, spots: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .backbones import LOW_RES, TOKENS, Backbone
-from .dense import Click, click_spots, dense_prompt, first_previous, reach
+from .dense import Click, click_spots, dense_prompt, first_previous, honour_clicks, reach
 from .prompts import ViewBox
 from .votes import VoteShare
 from .view import Window, from_grid, to_grid, to_model_box, to_model_xy
@@ -235,7 +235,7 @@ def decode(
     points, labels = point_prompts(clicks, slices, scale)
     boxes = None if box is None else torch.as_tensor(box * scale, dtype=torch.float32).repeat(len(slices), 1)
     logits, _ = backbone.decode_dense(embeddings, tokens, dense_prompt(prior, previous, spots), boxes, points, labels)
-    return logits
+    return honour_clicks(logits, clicks, slices, (4 * row0, 4 * col0), grid_mm)
 
 
 def grid_spacing(view_mm: tuple[float, float, float], window: Window) -> tuple[float, float, float]:

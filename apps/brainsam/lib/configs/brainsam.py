@@ -90,7 +90,7 @@ class BrainSam(TaskConfig):
         return BrainSamAuto(self.engine_config.replace(interactive=True), self.label_set, self.path, datastore, self.atlas_pool, self.atlas_cache)
 
     def uncertainty_scoring(self) -> UncertaintyScoring:
-        """Uncertainty scoring, readying the image handed out next after each score (when embeddings persist)."""
+        """Uncertainty scoring; without atlas guidance, readying the image handed out next after each score."""
         precompute = self.scoring_method()
         return UncertaintyScoring(self.engine_config, self.label_set, self.path, self.atlas_pool, self.atlas_cache, self.uncertainty_budget_s,
                                   self.strategy_hold_s, precompute.ready_next if precompute else None)  # fmt: skip
@@ -102,7 +102,11 @@ class BrainSam(TaskConfig):
         return BrainSamTrain(self.train_config, self.config_name, self.engine_overrides, self.label_set, self.adapter_folder, self.atlas_cache)
 
     def scoring_method(self) -> Optional[PrecomputeEmbeddings]:
-        """Precomputation of slice embeddings, when they persist (embedding_dir is set)."""
-        if self.engine_config.embedding_dir is None:
+        """Precomputation of the head window's slice embeddings, which clicks read when the atlases
+        do not guide them; none when embeddings do not persist (embedding_dir unset). With
+        guide_atlases on, clicks read the segmenter's deep-brain window, which the uncertainty
+        scoring encodes and stores as it scores each image: precomputing the head window would
+        only take the CPU from it."""
+        if self.engine_config.embedding_dir is None or self.guide_atlases:
             return None
         return PrecomputeEmbeddings(self.engine_config, self.label_set, self.path, self.strategy_hold_s)

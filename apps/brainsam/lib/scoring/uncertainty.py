@@ -9,8 +9,8 @@ encoding the slices the segmenter reads also readies the image for clicks.
 
 Incremental: an image whose stored values were computed for the same atlas set and adapter and
 the same image file is skipped. Ordered: images are scored in the order `most_uncertain` hands
-them out, and after each one the image handed out next is readied (precomputed), so the image an
-annotator gets next is ready first. Bounded: one run stops starting new images after
+them out, so the image an annotator gets next is ready first (without atlas guidance, the head
+window of the image handed out next is precomputed after each score). Bounded: one run stops starting new images after
 `budget_s`, the next run (after each /activelearning and after training) goes on. It runs in the
 background, like precomputation.
 """
