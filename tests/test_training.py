@@ -73,7 +73,7 @@ def test_split_encoder_caches_below_the_first_adapted_block() -> None:
 def test_the_simulated_annotator_clicks_inside_then_on_the_largest_error() -> None:
     truth = np.zeros((5, 16, 16), dtype=bool)
     truth[0:5, 3:8, 3:8] = True
-    subject = SubjectSlices("phantom", Window(0, 0, 64, 64), (1.0, 1.0, 1.0), 10, torch.zeros(5, 1), 20)
+    subject = SubjectSlices("phantom", Window(0, 0, 64, 64), (1.0, 1.0, 1.0), 10, torch.zeros(5, 1))
     case = TrainingCase(subject, 1, list(range(10, 15)), (2, 6, 3, 7), torch.from_numpy(truth).float(), truth)
     first = first_click(case)
     assert first.foreground and (first.slice, first.row, first.col) == (12, 5 + 8, 5 + 12), "the most interior voxel, on the whole grid"

@@ -42,14 +42,18 @@ class SubjectSlices:
     """A labelled subject's slices in its deep-brain window, encoded up to the first trained stage.
 
     first: view index of the first slice held. activations: (slices, ...) float16. grid_mm:
-    spacing of slices and of the window's low-res rows and columns. n_slices: of the view."""
+    spacing of slices and of the window's low-res rows and columns."""
 
     name: str
     window: Window
     grid_mm: tuple[float, float, float]
     first: int
     activations: torch.Tensor
-    n_slices: int
+
+    @property
+    def held(self) -> range:
+        """The view slices whose activations are held."""
+        return range(self.first, self.first + len(self.activations))
 
     def of(self, slices: list[int]) -> torch.Tensor:
         """Activations (len(slices), ...) of view slices, as float32."""
@@ -118,7 +122,7 @@ def subject_cases(
     ranges = {i: prior_slices(share) for i, share in shares.items() if share is not None}
     first = min(low for low, _ in ranges.values())
     last = max(high for _, high in ranges.values())
-    slices = SubjectSlices(atlas.name, window, grid_mm, first, encode_below(view, window, range(first, last + 1), split, activations, volume.content_hash), view.shape[0])
+    slices = SubjectSlices(atlas.name, window, grid_mm, first, encode_below(view, window, range(first, last + 1), split, activations, volume.content_hash))
     cases = []
     for label_id, (low, high) in ranges.items():
         indices = list(range(low, high + 1))

@@ -11,7 +11,7 @@ The decoder of every slice sees, besides its image embedding and its box, a stac
   slices it concerns and training learns how far that is.
 
 The decoder's answer is then made to honour every click (`honour_clicks`): the clicked pixel
-always ends on the click's side, the change fading round it in 3D as its spot does.
+always ends on the click's side, the change fading within a millimetre or so.
 
 Slices are indexed along the working axis; rows and columns are low-res pixels of the window.
 """
@@ -38,6 +38,10 @@ FAINTEST = 0.01
 """A click reaches the slices where its spot is at least this strong (2.9 REACH_MM away)."""
 CLICK_MARGIN = 2.0
 """The logit a click's own pixel ends with at least, on the click's side (probability 0.88)."""
+HONOUR_MM = 1.0
+"""Standard deviation, in the plane and across slices, of how far honouring a click moves the
+logits: its own voxel and the next, so the network, not a fixed blob, draws the border (a blob
+as wide as the spot carved thin structures: docs/segmenter.md)."""
 
 CHANNEL = {name: index for index, name in enumerate(DENSE_CHANNELS)}
 
@@ -75,32 +79,42 @@ def click_spots(clicks: list[Click], slices: list[int], shape: tuple[int, int], 
     return out
 
 
-def click_spot(click: Click, slices: list[int], shape: tuple[int, int], origin: tuple[int, int], mm: tuple[float, float, float]) -> torch.Tensor:
+def click_spot(
+    click: Click,
+    slices: list[int],
+    shape: tuple[int, int],
+    origin: tuple[int, int],
+    mm: tuple[float, float, float],
+    in_plane_mm: float = SPOT_MM,
+    across_mm: float = REACH_MM,
+) -> torch.Tensor:
     """One click's spot on `slices` (len(slices), rows, cols): 1 at its pixel, a Gaussian of
-    SPOT_MM in the plane, fading by REACH_MM across slices, zero below FAINTEST."""
+    `in_plane_mm` in the plane, fading by `across_mm` across slices, zero below FAINTEST."""
     rows = torch.arange(origin[0], origin[0] + shape[0], dtype=torch.float32)[:, None]
     cols = torch.arange(origin[1], origin[1] + shape[1], dtype=torch.float32)[None, :]
-    spot = torch.exp(-(((rows - click.row) * mm[1]) ** 2 + ((cols - click.col) * mm[2]) ** 2) / (2 * SPOT_MM**2))
-    across = torch.tensor([math.exp(-(((index - click.slice) * mm[0]) ** 2) / (2 * REACH_MM**2)) for index in slices])
+    spot = torch.exp(-(((rows - click.row) * mm[1]) ** 2 + ((cols - click.col) * mm[2]) ** 2) / (2 * in_plane_mm**2))
+    across = torch.tensor([math.exp(-(((index - click.slice) * mm[0]) ** 2) / (2 * across_mm**2)) for index in slices])
     across[across < FAINTEST] = 0.0
     return across[:, None, None] * spot
 
 
 def honour_clicks(logits: torch.Tensor, clicks: list[Click], slices: list[int], origin: tuple[int, int], mm: tuple[float, float, float]) -> torch.Tensor:
     """`logits` (len(slices), rows, cols) moved by each click in turn just enough that the
-    click's own pixel ends CLICK_MARGIN on its side, the move fading with the click's spot.
-    Whatever the network learned, the answer follows the annotator where they clicked and
-    round it in 3D; where the network already agrees, nothing moves. Clicks off these slices
-    or off the crop are left to the network."""
+    click's pixel and the 8 round it end CLICK_MARGIN on its side (a mask resampled to the
+    image's voxels reads the click's voxel from those), the move fading within HONOUR_MM.
+    Whatever the network learned, the answer follows the annotator where they clicked; where
+    the network already agrees, nothing moves. Clicks off these slices or off the crop are
+    left to the network."""
     for click in clicks:
         row, col = round(click.row) - origin[0], round(click.col) - origin[1]
         if click.slice not in slices or not (0 <= row < logits.shape[1] and 0 <= col < logits.shape[2]):
             continue
         position, sign = slices.index(click.slice), 1.0 if click.foreground else -1.0
-        spot = click_spot(click, slices, tuple(logits.shape[1:]), origin, mm).to(logits.device)
-        needed = float(CLICK_MARGIN - sign * logits[position, row, col].detach())
+        spot = click_spot(click, slices, tuple(logits.shape[1:]), origin, mm, HONOUR_MM, HONOUR_MM).to(logits.device)
+        around = (position, slice(max(row - 1, 0), row + 2), slice(max(col - 1, 0), col + 2))
+        needed = float(((CLICK_MARGIN - sign * logits[around].detach()) / spot[around]).max())
         if needed > 0:
-            logits = logits + sign * needed / float(spot[position, row, col]) * spot
+            logits = logits + sign * needed * spot
     return logits
 
 

@@ -170,7 +170,7 @@ class Engine:
         def embeddings(indices: list[int]) -> torch.Tensor:
             return torch.stack(self.predictor.embeddings(image, window, indices))
 
-        return Segmenter(self.backbone, window, image.view.shape[0], grid_spacing(image.view.spacing, window), embeddings, self.predictor.timings, self.predictor.counts)
+        return Segmenter(self.backbone, window, range(image.view.shape[0]), grid_spacing(image.view.spacing, window), embeddings, self.predictor.timings, self.predictor.counts)
 
     def atlas_prompt(self, image: PreparedImage, atlases: AtlasFusion) -> AtlasPrompt:
         """The atlases as prompts on `image`, kept while the same fusion is asked again."""

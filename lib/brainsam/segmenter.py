@@ -98,7 +98,8 @@ class Answer:
 class Segmenter:
     """Decodes structures slice by slice from their prompts with one backbone.
 
-    window: the image's deep-brain window. n_slices: slices of the view. grid_mm: spacing of
+    window: the image's deep-brain window. slices: the view slices it may decode (all of the
+    view's, or those a training subject holds embeddings of). grid_mm: spacing of
     slices and of the window's low-res rows and columns (`grid_spacing`). embeddings: where
     slice embeddings in that window come from (cache, store or encoder). timings, counts: where
     the seconds spent and the slices decoded add up (e.g. the engine's, across segmenters).
@@ -108,14 +109,14 @@ class Segmenter:
         self,
         backbone: Backbone,
         window: Window,
-        n_slices: int,
+        slices: range,
         grid_mm: tuple[float, float, float],
         embeddings: Embeddings,
         timings: dict[str, float] | None = None,
         counts: dict[str, int] | None = None,
     ):
         self.backbone = backbone
-        self.n_slices = n_slices
+        self.slices = slices
         self.window = window
         self.grid_mm = grid_mm
         self.embeddings = embeddings
@@ -152,7 +153,7 @@ class Segmenter:
         again from their previous answer and every click so far."""
         for click in clicks:
             answer.clicks.append(click)
-            near = range(max(click.slice - reach(self.grid_mm[0]), 0), min(click.slice + reach(self.grid_mm[0]) + 1, self.n_slices))
+            near = range(max(click.slice - reach(self.grid_mm[0]), self.slices.start), min(click.slice + reach(self.grid_mm[0]) + 1, self.slices.stop))
             answer.recrop(token_box(None, [click], None, answer.tokens))
             self._extend(answer, [i for i in near if i not in answer.slices])
             self.decode(answer, [answer.slices.index(i) for i in near], fresh=False)
@@ -170,7 +171,7 @@ class Segmenter:
             high = max(c.slice for c in clicks) + reach(self.grid_mm[0])
         if roi is not None:
             low, high = max(low, roi.slices[0]), min(high, roi.slices[1])
-        return list(range(max(low, 0), min(high, self.n_slices - 1) + 1))
+        return list(range(max(low, self.slices.start), min(high, self.slices.stop - 1) + 1))
 
     def _extend(self, answer: Answer, slices: list[int]) -> None:
         """Add view slices to the answer (kept in order), with their prior and no answer yet."""

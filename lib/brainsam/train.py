@@ -291,7 +291,7 @@ class Trainer:
             subject = case.subject
             if subject.name not in embedded:
                 embedded = {subject.name: torch.cat([self.split.above(subject.activations[i : i + 8].float()).cpu() for i in range(0, len(subject.activations), 8)])}
-            segmenter = Segmenter(self.backbone, subject.window, subject.n_slices, subject.grid_mm, lambda indices: embedded[subject.name][[i - subject.first for i in indices]])
+            segmenter = Segmenter(self.backbone, subject.window, subject.held, subject.grid_mm, lambda indices: embedded[subject.name][[i - subject.first for i in indices]])
             answer = case.answer()
             first = self._first_click(case)
             answer.clicks = [first] if first is not None else []
