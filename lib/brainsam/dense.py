@@ -40,8 +40,8 @@ CLICK_MARGIN = 2.0
 """The logit a click's own pixel ends with at least, on the click's side (probability 0.88)."""
 HONOUR_MM = 1.0
 """Standard deviation, in the plane and across slices, of how far honouring a click moves the
-logits: its own voxel and the next, so the network, not a fixed blob, draws the border (a blob
-as wide as the spot carved thin structures: docs/segmenter.md)."""
+logits: a pixel or two round the click, so the network, not a fixed blob, draws the border (a
+blob as wide as the spot carved thin structures: docs/segmenter.md)."""
 
 CHANNEL = {name: index for index, name in enumerate(DENSE_CHANNELS)}
 
