@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from brainsam.atlas import RegistrationSettings, load_atlas, propagate
 from brainsam.labels import CONFIGS, load_label_set, load_mapping
 from brainsam.propagation import dice
-from brainsam.reference import Placements, between, load_reference
+from brainsam.reference import Placements, between, downsample, load_reference
 from brainsam.sample import INSTALL_HINT, MRICRON
 
 from .conftest import require_data
@@ -49,6 +49,16 @@ def require_reference() -> None:
 
 
 @pytest.mark.realdata
+def test_downsampling_a_grid_coarser_than_the_target_along_one_axis_keeps_its_extent() -> None:
+    """A 0.5 x 0.5 x 5 mm grid brought to 4 mm: the 5 mm axis needs no smoothing (ITK refuses a zero
+    sigma), the others do; the extent is kept and a constant image stays constant."""
+    image = sitk.GetImageFromArray(np.full((12, 96, 96), 7.0, np.float32))
+    image.SetSpacing((0.5, 0.5, 5.0))
+    coarse = downsample(image, 4.0)
+    assert coarse.GetSize() == (12, 12, 15)
+    assert np.allclose(sitk.GetArrayFromImage(coarse)[2:-2, 2:-2, 2:-2], 7.0, atol=1e-3)
+
+
 def test_a_2mm_scan_of_another_scanner_is_placed_on_the_reference_brain(tmp_path) -> None:
     """IXI012 (2 mm, PSR, neck in view) placed on Colin27: its MUSE thalami land on AAL's."""
     folder = require_data("ixi-muse", "IXI012-HH-1211")

@@ -73,8 +73,12 @@ def downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """Smooth (against aliasing) and resample to an isotropic grid covering the same extent."""
     old = np.array(image.GetSpacing())
     size = [max(int(round(n * s / spacing_mm)), 2) for n, s in zip(image.GetSize(), old)]
-    sigma = [max((spacing_mm - s) / 2.0, 0.0) for s in old]
-    smoothed = sitk.SmoothingRecursiveGaussian(image, sigma) if max(sigma) > 0 else image
+    smoothed = sitk.Cast(image, sitk.sitkFloat32)
+    for axis, spacing in enumerate(old):
+        # axis by axis: ITK's recursive Gaussian refuses a zero sigma, and an axis already
+        # coarser than the target (a 5 mm slice direction) needs none
+        if spacing < spacing_mm:
+            smoothed = sitk.RecursiveGaussian(smoothed, (spacing_mm - spacing) / 2.0, direction=axis)
     return sitk.Resample(smoothed, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (spacing_mm,) * 3, image.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
