@@ -15,12 +15,13 @@ import json
 import nibabel as nib
 import numpy as np
 
-from brainsam.config import load_config
-from brainsam.engine import Engine
-from brainsam.labels import load_mapping
-from brainsam.propagation import SlicePrompt, bounding_box, dice
-from brainsam.view import SliceView
-from brainsam.volume import load_volume
+from brainsam.core.config import load_config
+from brainsam.core.labels import load_mapping
+from brainsam.core.metrics import dice
+from brainsam.core.view import SliceView
+from brainsam.core.volume import load_volume
+from brainsam.inference.engine import Engine
+from brainsam.inference.propagation import SlicePrompt, bounding_box
 
 
 def main() -> None:
@@ -35,12 +36,14 @@ def main() -> None:
     scores: dict[tuple[str, float], list[float]] = {}
     for subject in args.subjects:
         volume = load_volume(f"{subject}/T1.nii.gz")
-        labels = nib.orientations.apply_orientation(np.asanyarray(nib.load(f"{subject}/aseg.nii.gz").dataobj), volume.ornt)
+        labels = nib.orientations.apply_orientation(
+            np.asanyarray(nib.load(f"{subject}/aseg.nii.gz").dataobj), volume.ornt
+        )
         for axis, fov in itertools.product(args.axes, args.fov):
             engine.predictor.config.axis, engine.predictor.config.fov_mm = axis, fov
             image = engine.prepare(volume)
             truth_view = SliceView(labels, volume.spacing, axis).stack
-            for name, value in mapping.items():
+            for value in mapping.values():
                 truth = truth_view == value
                 index = int(truth.sum(axis=(1, 2)).argmax())
                 box = bounding_box(truth[index])
@@ -48,7 +51,9 @@ def main() -> None:
                 result = engine.predictor.predict(image, window, index, SlicePrompt(box))
                 scores.setdefault((axis, fov), []).append(dice(result.mask, truth[index]))
             print(subject, axis, fov, f"{np.mean(scores[(axis, fov)]):.3f}", flush=True)
-    print(json.dumps({f"{axis} fov{fov:g}": round(float(np.mean(v)), 3) for (axis, fov), v in scores.items()}, indent=1))
+    print(
+        json.dumps({f"{axis} fov{fov:g}": round(float(np.mean(v)), 3) for (axis, fov), v in scores.items()}, indent=1)
+    )
 
 
 if __name__ == "__main__":

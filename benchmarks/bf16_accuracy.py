@@ -3,13 +3,13 @@
     nice -n 5 .venv/bin/python -m benchmarks.bf16_accuracy ../shared/data/fs-aseg \
         --subjects sub-06 sub-07 [--modes box] [--paths eager compiled bf16]
 
-The runtime (brainsam.runtime) runs the image encoder under bf16 autocast only where the CPU
+The runtime (brainsam.core.runtime) runs the image encoder under bf16 autocast only where the CPU
 computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated by oneDNN, 13x slower
 than float32. So that its accuracy can be measured on any machine, `bf16` here runs the encoder
 in float32 with the roundings bf16 autocast makes: the inputs of convolutions and matrix
 products rounded to bf16, and every floating result (eager bf16's roundings; a compiled bf16
 graph rounds less often, inside its fused kernels). The script first compares that emulation
-with real bf16 autocast on one slice, then runs brainsam.evaluate's robot in each mode on every
+with real bf16 autocast on one slice, then runs brainsam.evaluation.evaluate's robot in each mode on every
 structure of each subject with each path (`eager` float32, `compiled` float32, `bf16` emulated;
 the decoder float32 in all, as the runtime runs it on a CPU) and prints the mean Dice of each
 path and its difference from eager float32. Prints figures only.
@@ -27,12 +27,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-from brainsam.config import load_config
-from brainsam.engine import Engine
-from brainsam.evaluate import MODES, annotate, dataset_of, load_subject
-from brainsam.labels import load_label_set
-from brainsam.sessions import EngineSession
-from brainsam.volume import load_volume
+from brainsam.core.config import load_config
+from brainsam.core.labels import load_label_set
+from brainsam.core.volume import load_volume
+from brainsam.evaluation.evaluate import MODES, annotate, dataset_of, load_subject
+from brainsam.evaluation.sessions import EngineSession
+from brainsam.inference.engine import Engine
 
 aten = torch.ops.aten
 PRODUCTS = {aten.convolution.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
@@ -58,6 +58,7 @@ class Bf16Rounding(TorchDispatchMode):
 
 def emulated(encode):
     """`encode` run under Bf16Rounding."""
+
     def run(crops: torch.Tensor) -> torch.Tensor:
         with Bf16Rounding():
             return encode(crops)
@@ -97,10 +98,15 @@ def main() -> None:
     parser.add_argument("--subjects", nargs="+", required=True)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["box"])
     parser.add_argument("--paths", nargs="+", choices=("eager", "compiled", "bf16"), default=["eager", "bf16"])
-    parser.add_argument("--no-check", action="store_true", help="skip the one-slice check against real bf16 (slow without native bf16)")
+    parser.add_argument(
+        "--no-check", action="store_true", help="skip the one-slice check against real bf16 (slow without native bf16)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(f"load average {os.getloadavg()[0]:.2f}; paths {args.paths}; modes {args.modes}; subjects {args.subjects}", flush=True)
+    print(
+        f"load average {os.getloadavg()[0]:.2f}; paths {args.paths}; modes {args.modes}; subjects {args.subjects}",
+        flush=True,
+    )
     dataset = dataset_of(args.folder, "T1.nii.gz", None, None)
     label_set = load_label_set()
     models = engines(args.paths)
@@ -118,11 +124,18 @@ def main() -> None:
                 if not truth.any():
                     continue
                 for mode in args.modes:
-                    scores.append(annotate(EngineSession(engine, image), truth, name, subject.spacing, mode, 1)[-1]["dice"])
+                    scores.append(
+                        annotate(EngineSession(engine, image), truth, name, subject.spacing, mode, 1)[-1]["dice"]
+                    )
             dice[path] += scores
-            print(f"{subject.name} {path:<9} mean Dice {np.mean(scores):.4f} over {len(scores)} structure-modes ({time.perf_counter() - began:.0f} s)", flush=True)
+            print(
+                f"{subject.name} {path:<9} mean Dice {np.mean(scores):.4f} over {len(scores)} structure-modes ({time.perf_counter() - began:.0f} s)",
+                flush=True,
+            )
     for path, scores in dice.items():
-        print(f"{path:<9} mean Dice {np.mean(scores):.4f}  difference from eager {np.mean(scores) - np.mean(dice['eager']):+.4f}  largest |difference| per structure {np.max(np.abs(np.array(scores) - np.array(dice['eager']))):.4f}")
+        print(
+            f"{path:<9} mean Dice {np.mean(scores):.4f}  difference from eager {np.mean(scores) - np.mean(dice['eager']):+.4f}  largest |difference| per structure {np.max(np.abs(np.array(scores) - np.array(dice['eager']))):.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -38,12 +38,12 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 import psutil
+from monailabel.client.client import MONAILabelUtils
 
-from brainsam.atlas import relabel
-from brainsam.labels import load_label_set, load_mapping
-from brainsam.remote import MODEL, PeakMemory, read_mask
-from monailabel.client import MONAILabelUtils
-from tests.test_server import (
+from brainsam.atlases.atlas import relabel
+from brainsam.core.labels import load_label_set, load_mapping
+from brainsam.evaluation.remote import MODEL, PeakMemory, read_mask
+from tests.support import (
     ROOT,
     Server,
     Subject,
@@ -108,7 +108,9 @@ def place_labelled(studies: Path, name: str) -> None:
 def start_background(server: Server, kind: str) -> None:
     """Start training (long enough to outlast the clicks) or every scoring method."""
     if kind == "train":
-        server.client("bench-trainer", Path(".")).train_start(MODEL, {"iterations": 100000, "max_minutes": 60, "validate_every": 100000})
+        server.client("bench-trainer", Path(".")).train_start(
+            MODEL, {"iterations": 100000, "max_minutes": 60, "validate_every": 100000}
+        )
         return
     status, response, _, _ = MONAILabelUtils.http_method("POST", server.url, "/scoring/uncertainty")
     assert status == 200, f"scoring did not start: {status} {response}"
@@ -133,11 +135,17 @@ def summary(kind: str, clicks: list[Click]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--no-precompute", action="store_true", help="no scoring at start-up: every first click encodes")
+    parser.add_argument(
+        "--no-precompute", action="store_true", help="no scoring at start-up: every first click encodes"
+    )
     parser.add_argument("--structures", nargs="+", default=STRUCTURES)
     parser.add_argument("--corrections", type=int, default=2, help="corrective clicks per structure")
-    parser.add_argument("--atlases", type=int, default=0, help="fs-aseg subjects (after sub-01) labelled in the studies folder")
-    parser.add_argument("--during", choices=("train", "scoring"), help="also click while training or scoring runs (see above)")
+    parser.add_argument(
+        "--atlases", type=int, default=0, help="fs-aseg subjects (after sub-01) labelled in the studies folder"
+    )
+    parser.add_argument(
+        "--during", choices=("train", "scoring"), help="also click while training or scoring runs (see above)"
+    )
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPU cores")
     phases: dict[str, list[Click]] = {}
@@ -150,14 +158,19 @@ def main() -> None:
         ]
         for name in ATLAS_SUBJECTS[: args.atlases]:
             place_labelled(studies, name)
-        with running_server(studies, work / "server", precompute=not args.no_precompute) as server, PeakMemory(server.pid) as memory:
+        with (
+            running_server(studies, work / "server", precompute=not args.no_precompute) as server,
+            PeakMemory(server.pid) as memory,
+        ):
             if not args.no_precompute:
                 began = time.perf_counter()
                 task = wait_for_scoring(server.url, PRECOMPUTE_TIMEOUT_S)
                 print(f"precomputation {task['status']} after {time.perf_counter() - began:.0f} s")
             if args.during == "scoring":  # new unlabelled images: work for the next scoring run
                 for name in BACKGROUND_SUBJECTS:
-                    shutil.copy(ROOT.parent / "shared" / "data" / "fs-aseg" / name / "T1.nii.gz", studies / f"new-{name}.nii.gz")
+                    shutil.copy(
+                        ROOT.parent / "shared" / "data" / "fs-aseg" / name / "T1.nii.gz", studies / f"new-{name}.nii.gz"
+                    )
             for phase in ["alone"] + ([f"during {args.during}", "alone again"] if args.during else []):
                 if phase.startswith("during"):
                     start_background(server, args.during)
@@ -171,8 +184,13 @@ def main() -> None:
                             print(f"{subject.image_id:<15} {structure:<18} {click.kind:<10} {click.seconds:6.2f} s  "
                                   f"server CPU {click.cpu_seconds:6.2f} s  {click.encoded:3d} slices encoded  by {click.guide}", flush=True)  # fmt: skip
                 if phase.startswith("during"):
-                    print(f"background {'still ran' if stop_background(server, args.during) else 'had ENDED'} when the clicks were done", flush=True)
-    print(f"{'precomputed' if not args.no_precompute else 'no precomputation'}; load average at the end {os.getloadavg()[0]:.2f}")
+                    print(
+                        f"background {'still ran' if stop_background(server, args.during) else 'had ENDED'} when the clicks were done",
+                        flush=True,
+                    )
+    print(
+        f"{'precomputed' if not args.no_precompute else 'no precomputation'}; load average at the end {os.getloadavg()[0]:.2f}"
+    )
     for phase, clicks in phases.items():
         for kind in ("first", "corrective"):
             print(f"{phase:<14} {summary(kind, clicks)}")

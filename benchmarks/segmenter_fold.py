@@ -6,15 +6,15 @@
 
 `prepare` keeps, per subject of ../shared/data/<data set>, what a fold needs under
 runs/segmenter_fold/<data set>/<subject>.pt: the image, its label and every other subject's labels
-registered onto it (brainsam.atlas.propagate, as the server registers), cropped to the deep brain
+registered onto it (brainsam.atlases.registration.carry_labels, as the server registers), cropped to the deep brain
 in the working view, and the embeddings of those slices in the deep-brain window (compiled
 float32 encoder, no adapter). Encoding is the long part (~2 min a 1 mm subject on one core).
 
-`fold` trains on every subject but `--held` (priors from the others, as brainsam.train gives them;
+`fold` trains on every subject but `--held` (priors from the others, as brainsam.training.trainer gives them;
 the prompt encoder and mask decoder only: the embeddings are the base encoder's, so `lora` blocks
-must stay empty) with brainsam.train.Trainer, then answers every structure of the held-out
-subject as the server does (brainsam.segmenter.Segmenter prompted by `--atlases` of the others
-fused), with the robot of brainsam.robot: a first click at the structure's most interior voxel,
+must stay empty) with brainsam.training.trainer.Trainer, then answers every structure of the held-out
+subject as the server does (brainsam.inference.segmenter.Segmenter prompted by `--atlases` of the others
+fused), with the robot of brainsam.training.robot: a first click at the structure's most interior voxel,
 then corrective clicks at the largest error. It prints and appends to `--out` the Dice of the
 fused prior and after each click (view grid, the whole volume), and keeps the trained state
 beside it.
@@ -32,18 +32,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from brainsam.atlas import load_atlas, propagate
-from brainsam.backbones import LOW_RES, Backbone, load_backbone
-from brainsam.cases import SubjectSlices, TrainingCase, cut
-from brainsam.config import load_config
-from brainsam.fusion import AtlasFusion
-from brainsam.labels import Structure, load_label_set, load_mapping
-from brainsam.robot import interior_voxel, next_click
-from brainsam.segmenter import WINDOW_MARGIN_MM, WINDOW_SNAP_MM, Segmenter, grid_spacing, planes, prior_slices, token_box
-from brainsam.train import Trainer, load_train_settings, split_subjects
-from brainsam.trainset import Subject
-from brainsam.view import SliceView, Window, to_grid
-from brainsam.votes import VoteShare
+from brainsam.atlases.atlas import load_atlas
+from brainsam.atlases.fusion import AtlasFusion
+from brainsam.atlases.registration import carry_labels
+from brainsam.core.config import load_config
+from brainsam.core.labels import Structure, load_label_set, load_mapping
+from brainsam.core.metrics import dice
+from brainsam.core.view import SliceView, Window, to_grid
+from brainsam.inference.segmenter import (
+    WINDOW_MARGIN_MM,
+    WINDOW_SNAP_MM,
+    Segmenter,
+    grid_spacing,
+    planes,
+    prior_slices,
+    token_box,
+)
+from brainsam.inference.votes import VoteShare
+from brainsam.io.subjects import Subject
+from brainsam.modeling.backbones import LOW_RES, Backbone, load_backbone
+from brainsam.training.cases import SubjectSlices, TrainingCase, cut
+from brainsam.training.robot import interior_voxel, next_click
+from brainsam.training.settings import load_train_settings
+from brainsam.training.trainer import Trainer, split_subjects
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -56,7 +67,16 @@ def prepare(data_set: str, label_file: str, mapping: str, only: list[str]) -> No
     """Write runs/segmenter_fold/<data set>/<subject>.pt for each subject (or those in `only`)."""
     labels = load_label_set()
     folders = sorted(p for p in (DATA / data_set).iterdir() if p.is_dir())
-    atlases = {f.name: load_atlas(f / "T1.nii.gz", f / label_file, load_mapping(ROOT / "configs" / "mappings" / f"{mapping}.yaml"), labels, f.name) for f in folders}
+    atlases = {
+        f.name: load_atlas(
+            f / "T1.nii.gz",
+            f / label_file,
+            load_mapping(ROOT / "configs" / "mappings" / f"{mapping}.yaml"),
+            labels,
+            f.name,
+        )
+        for f in folders
+    }
     backbone = load_backbone("litemedsam")
     encoder = torch.compile(backbone.image_encoder)
     out = FOLDS / data_set
@@ -66,7 +86,11 @@ def prepare(data_set: str, label_file: str, mapping: str, only: list[str]) -> No
             continue
         began = time.perf_counter()
         view = SliceView(atlas.volume.data, atlas.volume.spacing, load_config().axis_for(atlas.volume.spacing))
-        maps = {other: view.to_view(propagate(atlases[other], atlas.volume, cache=ROOT / "runs" / "atlas_cache")) for other in atlases if other != name}
+        maps = {
+            other: view.to_view(carry_labels(atlases[other], atlas.volume, cache=ROOT / "runs" / "atlas_cache"))
+            for other in atlases
+            if other != name
+        }
         union = np.any([m > 0 for m in maps.values()], axis=0)
         box = deep_box(union, view.spacing)
         window = view.window_round(union, WINDOW_MARGIN_MM, WINDOW_SNAP_MM)
@@ -80,7 +104,9 @@ def prepare(data_set: str, label_file: str, mapping: str, only: list[str]) -> No
         print(f"{name}: {len(slices)} slices in {window}, {time.perf_counter() - began:.0f} s", flush=True)
 
 
-def encode(backbone: Backbone, encoder: torch.nn.Module, view: SliceView, slices: list[int], window: Window) -> torch.Tensor:
+def encode(
+    backbone: Backbone, encoder: torch.nn.Module, view: SliceView, slices: list[int], window: Window
+) -> torch.Tensor:
     """Float16 embeddings (len(slices), 256, 64, 64) of `slices` in `window`, 4 at a time."""
     batches = []
     with torch.no_grad():
@@ -107,18 +133,22 @@ def whole(subject: dict[str, Any], crop: np.ndarray) -> np.ndarray:
 
 def priors(subject: dict[str, Any], others: list[str], structures: list[Structure]) -> dict[int, VoteShare | None]:
     """Each structure's fused prior from the labels of `others` registered onto `subject`."""
-    fusion = AtlasFusion([subject["maps"][o].numpy() for o in others], subject["image"].float().numpy(), subject["spacing"])
+    fusion = AtlasFusion(
+        [subject["maps"][o].numpy() for o in others], subject["image"].float().numpy(), subject["spacing"]
+    )
     return {s.id: VoteShare.of(whole(subject, fusion.probability(s.id))) for s in structures}
 
 
 def slices_of(subject: dict[str, Any]) -> SubjectSlices:
-    """The prepared subject's embeddings as brainsam.cases holds a subject's slices."""
+    """The prepared subject's embeddings as brainsam.training.cases holds a subject's slices."""
     window = Window(*subject["window"])
-    return SubjectSlices(subject["name"], window, grid_spacing(subject["spacing"], window), subject["slices"][0], subject["embeddings"])
+    return SubjectSlices(
+        subject["name"], window, grid_spacing(subject["spacing"], window), subject["slices"][0], subject["embeddings"]
+    )
 
 
 def cases_of(subject: dict[str, Any], others: list[str], structures: list[Structure]) -> list[TrainingCase]:
-    """Training cases of a subject as brainsam.cases builds them, from prepared data."""
+    """Training cases of a subject as brainsam.training.cases builds them, from prepared data."""
     encoded, truth = slices_of(subject), whole(subject, subject["truth"].numpy().astype(np.float32))
     out = []
     for label_id, share in priors(subject, others, structures).items():
@@ -129,17 +159,16 @@ def cases_of(subject: dict[str, Any], others: list[str], structures: list[Struct
         prior = to_grid(planes(share, indices), encoded.window, LOW_RES)
         tokens = token_box(prior, [], None)
         target = to_grid((truth[indices] == label_id).astype(np.float32), encoded.window, LOW_RES) > 0.5
-        out.append(TrainingCase(encoded, label_id, indices, tokens, cut(prior, tokens).clone(), cut(target, tokens).numpy()))
+        out.append(
+            TrainingCase(encoded, label_id, indices, tokens, cut(prior, tokens).clone(), cut(target, tokens).numpy())
+        )
     return out
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean arrays (0 when both are empty)."""
-    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
-
-
 @torch.no_grad()
-def evaluate(backbone: Backbone, subject: dict[str, Any], others: list[str], structures: list[Structure], clicks: int) -> list[dict[str, Any]]:
+def evaluate(
+    backbone: Backbone, subject: dict[str, Any], others: list[str], structures: list[Structure], clicks: int
+) -> list[dict[str, Any]]:
     """Per structure: the prior's Dice and the segmenter's after each of `clicks` robot clicks."""
     encoded, shape = slices_of(subject), tuple(subject["shape"])
     truth = whole(subject, subject["truth"].numpy().astype(np.float32))
@@ -161,7 +190,7 @@ def evaluate(backbone: Backbone, subject: dict[str, Any], others: list[str], str
 
 
 class PreparedTrainer(Trainer):
-    """brainsam.train.Trainer on cases built from prepared data rather than from datastore files."""
+    """brainsam.training.trainer.Trainer on cases built from prepared data rather than from datastore files."""
 
     def __init__(self, fit: list[TrainingCase], held_out: list[TrainingCase], *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -171,7 +200,9 @@ class PreparedTrainer(Trainer):
         return self.prepared["fit" if subjects is self.train_subjects else "held_out"]
 
 
-def fold(data_set: str, held: str, overrides: dict[str, str], atlases: int, clicks: int, tag: str, out: Path) -> dict[str, Any]:
+def fold(
+    data_set: str, held: str, overrides: dict[str, str], atlases: int, clicks: int, tag: str, out: Path
+) -> dict[str, Any]:
     """Train without `held`, evaluate on it; return (and append to `out`) the summary."""
     structures = load_label_set().structures
     data = {p.stem: torch.load(p, weights_only=False) for p in sorted((FOLDS / data_set).glob("*.pt"))}
@@ -181,7 +212,12 @@ def fold(data_set: str, held: str, overrides: dict[str, str], atlases: int, clic
         raise SystemExit("prepared embeddings are the base encoder's: train with --set 'lora={blocks: []}'")
     subjects = [Subject(n, Path(n), Path(n), {}) for n in names]
     fit, validation = split_subjects(subjects, settings.validation_fraction)
-    cases = {part: [c for s in group for c in cases_of(data[s.name], [n for n in names if n != s.name][:atlases], structures)] for part, group in (("fit", fit), ("validation", validation))}
+    cases = {
+        part: [
+            c for s in group for c in cases_of(data[s.name], [n for n in names if n != s.name][:atlases], structures)
+        ]
+        for part, group in (("fit", fit), ("validation", validation))
+    }
     trainer = PreparedTrainer(cases["fit"], cases["validation"], settings, load_config(), load_label_set(), subjects)
     state, result = trainer.run()
     if state is not None:
@@ -204,7 +240,9 @@ def main() -> None:
     ready.add_argument("data_set")
     ready.add_argument("label_file", help="e.g. aseg.nii.gz, muse.nii.gz")
     ready.add_argument("mapping", help="a name in configs/mappings, e.g. aseg, muse")
-    ready.add_argument("--only", nargs="*", default=[], help="prepare these subjects only (all are registered onto them)")
+    ready.add_argument(
+        "--only", nargs="*", default=[], help="prepare these subjects only (all are registered onto them)"
+    )
     run = commands.add_parser("fold")
     run.add_argument("data_set")
     run.add_argument("--held", required=True)
@@ -219,7 +257,9 @@ def main() -> None:
         prepare(args.data_set, args.label_file, args.mapping, args.only)
         return
     overrides = dict(item.split("=", 1) for item in args.set)
-    summary = fold(args.data_set, args.held, {"lora": "{blocks: []}", **overrides}, args.atlases, args.clicks, args.tag, args.out)
+    summary = fold(
+        args.data_set, args.held, {"lora": "{blocks: []}", **overrides}, args.atlases, args.clicks, args.tag, args.out
+    )
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, default=float))
 
 

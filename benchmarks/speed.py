@@ -1,4 +1,4 @@
-"""Eager float32 against the path brainsam.runtime chooses, side by side in one run.
+"""Eager float32 against the path brainsam.core.runtime chooses, side by side in one run.
 
     nice -n 5 .venv/bin/python -m benchmarks.speed [--parts encoder decoder compile prepare] \
         [--repeats 3] [--atlases 5] [--runtime auto]
@@ -15,7 +15,7 @@ default auto: what a server on this machine runs) and their ratio:
 - prepare: a new 1 mm image made ready as the server's uncertainty scoring makes it: `--atlases`
   labelled fs-aseg subjects registered onto fs-aseg sub-01 (once: no network runs in it), then
   the segmenter's automatic pass over the 17 structures, which encodes and stores the
-  deep-brain slices a click reads (brainsam.auto.first_pass), eager and chosen; also in units
+  deep-brain slices a click reads (brainsam.inference.auto.first_pass), eager and chosen; also in units
   of the eager encoder's seconds per slice (the issue's goal: <= 45).
 Rounds alternate between the paths, so load from other work hits both alike; the load average
 is printed. Times are the best of `--repeats` (wall clock; CPU seconds beside them). Needs
@@ -35,9 +35,9 @@ from typing import Callable
 
 import torch
 
-from brainsam.backbones import DENSE_CHANNELS, Backbone, load_backbone
-from brainsam.config import load_config
-from brainsam.runtime import Choice, Runtime
+from brainsam.core.config import load_config
+from brainsam.core.runtime import Choice, Runtime
+from brainsam.modeling.backbones import DENSE_CHANNELS, Backbone, load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "fs-aseg"
@@ -65,7 +65,10 @@ def report(part: str, figures: dict[str, tuple[float, float]], per: int = 1, uni
     """One line per path, with the ratio of eager to it."""
     eager = figures["eager"][0]
     for name, (wall, cpu) in figures.items():
-        print(f"  {part:<26} {name:<22} {wall / per:8.3f} {unit}  (CPU {cpu / per:7.3f})  x{eager / wall:5.2f}", flush=True)
+        print(
+            f"  {part:<26} {name:<22} {wall / per:8.3f} {unit}  (CPU {cpu / per:7.3f})  x{eager / wall:5.2f}",
+            flush=True,
+        )
 
 
 def encoder(backbone: Backbone, chosen: Runtime, repeats: int) -> float:
@@ -97,14 +100,23 @@ def decoder(backbone: Backbone, chosen: Runtime, repeats: int) -> None:
     fast = chosen.decoder(backbone.decode_dense)
     with torch.inference_mode():
         for name, arguments in cases.items():
-            report(name, timed({"eager": lambda: backbone.decode_dense(*arguments), str(chosen.choice): lambda: fast(*arguments)}, repeats))
+            report(
+                name,
+                timed(
+                    {
+                        "eager": lambda a=arguments: backbone.decode_dense(*a),
+                        str(chosen.choice): lambda a=arguments: fast(*a),
+                    },
+                    repeats,
+                ),
+            )
 
 
 PROBE = """
 import sys, time
 began = time.perf_counter()
-from brainsam.config import load_config
-from brainsam.engine import Engine
+from brainsam.core.config import load_config
+from brainsam.inference.engine import Engine
 engine = Engine(load_config(runtime=sys.argv[1], compile_cache=sys.argv[2], interactive=True))
 loaded = time.perf_counter()
 engine.predictor.warm_up()
@@ -116,18 +128,23 @@ def compile_cost(setting: str) -> None:
     """Warm-up seconds of a new server process, cold and warm compile cache."""
     with tempfile.TemporaryDirectory() as folder:
         for state in ("cold", "warm"):
-            done = subprocess.run([sys.executable, "-c", PROBE, setting, folder], capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [sys.executable, "-c", PROBE, setting, folder], capture_output=True, text=True, check=True
+            )
             load, warm = done.stdout.split()[-2:]
-            print(f"  {'server warm-up, ' + state + ' cache':<26} {setting:<22} {float(warm):8.1f} s  (network loaded in {load} s before)", flush=True)
+            print(
+                f"  {'server warm-up, ' + state + ' cache':<26} {setting:<22} {float(warm):8.1f} s  (network loaded in {load} s before)",
+                flush=True,
+            )
 
 
 def prepare(setting: str, atlases: int, eager_per_slice: float | None) -> None:
     """A new image made ready: registrations once, then the segmenter's pass eager and chosen."""
-    from brainsam.atlas import load_atlas
-    from brainsam.auto import first_pass
-    from brainsam.engine import Engine
-    from brainsam.labels import load_label_set, load_mapping
-    from brainsam.volume import load_volume
+    from brainsam.atlases.atlas import load_atlas
+    from brainsam.core.labels import load_label_set, load_mapping
+    from brainsam.core.volume import load_volume
+    from brainsam.inference.auto import first_pass
+    from brainsam.inference.engine import Engine
 
     labels = load_label_set()
     mapping = load_mapping(ROOT / "configs" / "mappings" / "aseg.yaml")
@@ -136,10 +153,16 @@ def prepare(setting: str, atlases: int, eager_per_slice: float | None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         cache = Path(folder) / "atlas_cache"
         began = time.perf_counter()
-        found = [load_atlas(DATA / n / "T1.nii.gz", DATA / n / "aseg.nii.gz", mapping, labels, name=n).prepared() for n in names]
+        found = [
+            load_atlas(DATA / n / "T1.nii.gz", DATA / n / "aseg.nii.gz", mapping, labels, name=n).prepared()
+            for n in names
+        ]
         first_pass(found, volume, labels, None, cache=cache)
         registration = time.perf_counter() - began
-        print(f"  {'registration':<26} {len(found)} atlases onto {TARGET}: {registration:.1f} s (no network: the same for both paths)", flush=True)
+        print(
+            f"  {'registration':<26} {len(found)} atlases onto {TARGET}: {registration:.1f} s (no network: the same for both paths)",
+            flush=True,
+        )
         seconds = {}
         for path in ("eager", setting):
             engine = Engine(load_config(runtime=path, embedding_dir=str(Path(folder) / path)))
@@ -149,11 +172,17 @@ def prepare(setting: str, atlases: int, eager_per_slice: float | None) -> None:
             first_pass(found, volume, labels, engine, cache=cache)
             seconds[path] = time.perf_counter() - began
             encoded = engine.predictor.counts["encode"]
-            print(f"  {'segmenter pass':<26} {str(engine.predictor.runtime.choice):<22} {seconds[path]:8.1f} s, {encoded} slices encoded", flush=True)
+            print(
+                f"  {'segmenter pass':<26} {str(engine.predictor.runtime.choice):<22} {seconds[path]:8.1f} s, {encoded} slices encoded",
+                flush=True,
+            )
         for path, value in seconds.items():
             total = registration + value
             relative = f", {total / eager_per_slice:.0f}x the eager encoder's s/slice" if eager_per_slice else ""
-            print(f"  {'new image ready':<26} {path:<22} {total:8.1f} s  x{(registration + seconds['eager']) / total:5.2f}{relative}", flush=True)
+            print(
+                f"  {'new image ready':<26} {path:<22} {total:8.1f} s  x{(registration + seconds['eager']) / total:5.2f}{relative}",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -161,12 +190,17 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--atlases", type=int, default=5, help="labelled fs-aseg subjects registered in `prepare`")
-    parser.add_argument("--runtime", default="auto", help="the path compared with eager (brainsam.runtime SETTINGS)")
+    parser.add_argument(
+        "--runtime", default="auto", help="the path compared with eager (brainsam.core.runtime SETTINGS)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     chosen = Runtime.for_device("cpu", args.runtime)
-    print(f"chosen: {chosen.choice} (setting {args.runtime}); {args.threads} threads; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
+    print(
+        f"chosen: {chosen.choice} (setting {args.runtime}); {args.threads} threads; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores",
+        flush=True,
+    )
     eager_per_slice = None
     if "encoder" in args.parts:
         eager_per_slice = encoder(load_backbone("litemedsam"), chosen, args.repeats)

@@ -74,7 +74,7 @@ for _ in $(seq 100); do
 done
 
 echo "== storing $STUDIES as DICOM MR series"
-.venv/bin/python -m brainsam.io.nifti2dicom "$STUDIES" --stow "$DICOMWEB"
+.venv/bin/python -m brainsam.nifti2dicom "$STUDIES" --stow "$DICOMWEB"
 
 echo "== brainsam server on http://127.0.0.1:$PORT (OHIF: http://127.0.0.1:$PORT/ohif/)"
 export MONAI_LABEL_DICOMWEB_SEARCH_FILTER='{"Modality":"MR"}'

@@ -57,7 +57,11 @@ def replace_table(text: str, body: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--rows", type=Path, help="rows written by an earlier run (BRAINSAM_RELIABILITY_ROWS) instead of running the tests")
+    parser.add_argument(
+        "--rows",
+        type=Path,
+        help="rows written by an earlier run (BRAINSAM_RELIABILITY_ROWS) instead of running the tests",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         rows = args.rows or Path(folder) / "rows.json"

@@ -13,8 +13,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brainsam.labels import load_mapping
-from brainsam.volume import from_array
+from brainsam.core.labels import load_mapping
+from brainsam.core.volume import from_array
 
 
 def extents(label_path: Path, mapping: dict[str, int]) -> dict[str, np.ndarray]:

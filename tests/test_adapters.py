@@ -7,10 +7,21 @@ import json
 import pytest
 import torch
 
-from brainsam.adapters import AdapterError, build_manifest, load_adapter, read_manifest, save_adapter
-from brainsam.backbones import BACKBONES, load_backbone
-from brainsam.lora import LoraSettings, add_lora, count_parameters, trainable_state
-from brainsam.weights import WeightsError, WeightsSource, resolve, verify
+from brainsam.modeling.adapters import (
+    AdapterError,
+    build_manifest,
+    load_adapter,
+    read_manifest,
+    save_adapter,
+)
+from brainsam.modeling.backbones import BACKBONES, load_backbone
+from brainsam.modeling.lora import (
+    LoraSettings,
+    add_lora,
+    count_parameters,
+    trainable_state,
+)
+from brainsam.modeling.weights import WeightsError, WeightsSource, resolve, verify
 
 
 def decode_once(backbone, embedding: torch.Tensor) -> torch.Tensor:
@@ -45,7 +56,7 @@ def test_adapter_round_trip_restores_outputs_and_manifest(tmp_path, crop: torch.
     trained = load_backbone("litemedsam")
     settings = add_lora(trained, LoraSettings(rank=4, alpha=8))
     with torch.no_grad():
-        for name, parameter in trained.named_parameters():
+        for parameter in trained.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.01 * torch.randn_like(parameter))
     manifest = build_manifest(trained, settings, ["Left-Thalamus"], training={"images": 2}, validation={"dice": 0.5})
@@ -88,7 +99,9 @@ def test_damaged_adapter_files_are_refused(tmp_path) -> None:
     with pytest.raises(AdapterError):
         load_adapter(load_backbone("litemedsam"), path)
     zeroed = bytearray(data)
-    zeroed[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)  # weights damaged, header intact: loads without the checksum
+    zeroed[len(data) // 2 : len(data) // 2 + 4096] = bytes(
+        4096
+    )  # weights damaged, header intact: loads without the checksum
     path.write_bytes(bytes(zeroed))
     with pytest.raises(AdapterError, match="checksum"):
         load_adapter(load_backbone("litemedsam"), path)
@@ -148,7 +161,10 @@ def test_malformed_manifest_is_an_adapter_error(tmp_path) -> None:
     backbone = load_backbone("litemedsam")
     settings = add_lora(backbone, LoraSettings(rank=2))
     manifest = build_manifest(backbone, settings, [])
-    for broken in ({k: v for k, v in manifest.items() if k != "lora"}, {**manifest, "lora": {"rank": 2, "colour": "red"}}):
+    for broken in (
+        {k: v for k, v in manifest.items() if k != "lora"},
+        {**manifest, "lora": {"rank": 2, "colour": "red"}},
+    ):
         path = save_adapter(backbone, broken, tmp_path / "broken.safetensors")
         with pytest.raises(AdapterError, match="malformed manifest"):
             load_adapter(load_backbone("litemedsam"), path)

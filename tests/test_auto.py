@@ -17,9 +17,20 @@ import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelUtils
 
-from brainsam.labels import load_label_set
+from brainsam.core.labels import load_label_set
+from brainsam.core.metrics import dice
 
-from .test_server import Server, Subject, correction, deepest, dice, infer, load_subject, read_mask, running_server, wait_for_scoring
+from .support import (
+    Server,
+    Subject,
+    correction,
+    deepest,
+    infer,
+    load_subject,
+    read_mask,
+    running_server,
+    wait_for_scoring,
+)
 
 pytestmark = pytest.mark.server
 
@@ -90,7 +101,9 @@ def test_scoring_writes_uncertainty_for_every_unlabelled_image(server: Server) -
         assert "uncertainty" not in objects[name]["image"]["info"]
 
 
-def test_clicks_are_answered_by_the_segmenter_prompted_by_the_registered_atlases(server: Server, subjects: dict[str, Subject], tmp_path: Path) -> None:
+def test_clicks_are_answered_by_the_segmenter_prompted_by_the_registered_atlases(
+    server: Server, subjects: dict[str, Subject], tmp_path: Path
+) -> None:
     """Once scoring has registered the labelled images onto an unlabelled one (and stored the
     embeddings of the slices the segmenter reads), the segmenter answers a first click inside a
     structure from their prior without encoding a slice, and corrective clicks (Slicer sends
@@ -113,7 +126,9 @@ def test_clicks_are_answered_by_the_segmenter_prompted_by_the_registered_atlases
     assert dice(mask, truth) > first - 0.1
 
 
-def test_most_uncertain_hands_out_different_unlabelled_images_and_never_a_labelled_one(server: Server, subjects: dict[str, Subject], tmp_path: Path) -> None:
+def test_most_uncertain_hands_out_different_unlabelled_images_and_never_a_labelled_one(
+    server: Server, subjects: dict[str, Subject], tmp_path: Path
+) -> None:
     """The most uncertain image first; another annotator gets another image; once labelled, an
     image is never handed out again (the other, still held, comes back when nothing else is left)."""
     scores = {name: datastore(server.url)[name]["image"]["info"]["uncertainty"]["score"] for name in UNLABELLED}

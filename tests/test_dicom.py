@@ -12,10 +12,16 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from brainsam.io.dicom import SeriesError, SeriesNames, check_volume, nifti_to_series, series_to_nifti
+from brainsam.core.labels import load_label_set
+from brainsam.io.dicom import (
+    SeriesError,
+    SeriesNames,
+    check_volume,
+    nifti_to_series,
+    series_to_nifti,
+)
 from brainsam.io.seg import labels_to_seg, seg_to_labels
-from brainsam.labels import load_label_set
-from tests.conftest import require_data
+from tests.support import require_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample-data" / "studies" / "mni152.nii.gz"
@@ -85,7 +91,11 @@ def test_seg_segments_are_read_by_name_onto_the_series_grid(tmp_path: Path) -> N
         segment.SegmentNumber = number
     for frame in seg.PerFrameFunctionalGroupsSequence:
         old = frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber
-        frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber = [s.id for s in sorted(labels_set.structures, key=lambda s: s.id) if (sitk.GetArrayViewFromImage(labels) == s.id).any()].index(old) + 1
+        frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber = [
+            s.id
+            for s in sorted(labels_set.structures, key=lambda s: s.id)
+            if (sitk.GetArrayViewFromImage(labels) == s.id).any()
+        ].index(old) + 1
     back, found = seg_to_labels(seg, reference, labels_set)
     assert len(found) == 12
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(labels))

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from brainsam.cache import EmbeddingCache
-from brainsam.engine import Engine
-from brainsam.propagation import dice
-from brainsam.prompts import PromptError
-from brainsam.volume import from_array, load_volume
+from brainsam.core.metrics import dice
+from brainsam.core.prompts import PromptError
+from brainsam.core.volume import from_array, load_volume
+from brainsam.inference.cache import EmbeddingCache
+from brainsam.inference.engine import Engine
 
-from .conftest import make_phantom
-from .test_geometry import stored_copy
+from .support import make_phantom, stored_copy
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +119,21 @@ def test_cli_writes_a_mask_on_the_input_grid(tmp_path, phantom) -> None:
     output = tmp_path / "mask.nii.gz"
     roi = ",".join(map(str, truth_box(stored_truth)))
     run = subprocess.run(
-        [sys.executable, "-m", "brainsam.segment", str(source), "--label", "Left-Thalamus", "--box", roi, "-o", str(output)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "brainsam.segment",
+            str(source),
+            "--label",
+            "Left-Thalamus",
+            "--box",
+            roi,
+            "-o",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr
     for stage in ("load", "encode", "decode", "propagate"):
@@ -129,7 +141,11 @@ def test_cli_writes_a_mask_on_the_input_grid(tmp_path, phantom) -> None:
     written = nib.load(output)
     assert written.shape == stored_image.shape and np.allclose(written.affine, affine)
     assert dice(np.asanyarray(written.dataobj) > 0, stored_truth) > 0.85
-    bad = subprocess.run([sys.executable, "-m", "brainsam.segment", str(source), "--label", "Nowhere", "--click", "1,1,1"],
-                         capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        [sys.executable, "-m", "brainsam.segment", str(source), "--label", "Nowhere", "--click", "1,1,1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 2 and "unknown label" in bad.stderr
     assert load_volume(source).stored_shape == stored_image.shape

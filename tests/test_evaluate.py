@@ -18,11 +18,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from brainsam.evaluate import hd95, main as evaluate
-from brainsam.report import setting
+from brainsam.evaluate import main as evaluate
+from brainsam.evaluation.evaluate import hd95
+from brainsam.evaluation.report import setting
 
-from .conftest import require_data
-from .test_server import running_server
+from .support import require_data, running_server
 
 pytestmark = [pytest.mark.realdata, pytest.mark.server]
 
@@ -48,7 +48,19 @@ def engine_results(work: Path) -> dict:
     """The fast evaluation in-process, with the atlas baseline and DeepEdit's latency."""
     data = require_data("ixi-muse")
     store = f"embedding_dir={work / 'server' / 'embeddings'}"
-    return run(data, work / "engine.json", "--modes", "clicks", "box+clicks", "--atlas", str(data / ATLAS), "--auto", "--deepedit", "--set", store)
+    return run(
+        data,
+        work / "engine.json",
+        "--modes",
+        "clicks",
+        "box+clicks",
+        "--atlas",
+        str(data / ATLAS),
+        "--auto",
+        "--deepedit",
+        "--set",
+        store,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +112,9 @@ def test_summaries_agree_with_rows_csv_and_plot(engine_results: dict, work: Path
     rows = engine_results["rows"]
     for summary in engine_results["accuracy"]:
         picked = [r for r in rows if (r["model"], setting(r)) == (summary["model"], summary["setting"])]
-        per_structure = [np.mean([r["dice"] for r in picked if r["structure"] == s]) for s in {r["structure"] for r in picked}]
+        per_structure = [
+            np.mean([r["dice"] for r in picked if r["structure"] == s]) for s in {r["structure"] for r in picked}
+        ]
         assert summary["dice"] == pytest.approx(np.mean(per_structure))
     with open(work / "engine.csv") as handle:
         table = list(csv.DictReader(handle))
@@ -143,18 +157,31 @@ def test_server_answers_the_robot_as_the_engine_does(engine_results: dict, serve
         assert (ours["structure"], ours["clicks"]) == (theirs["structure"], theirs["clicks"])
         assert theirs["dice"] == pytest.approx(ours["dice"], abs=0.05)
     # the engine run filled the store the server reads: at most a slice or two more to encode
-    assert sum(r["encoded"] for r in server_rows) <= 0.2 * sum(r["encoded"] for r in engine_results["rows"] if r["encoded"])
+    assert sum(r["encoded"] for r in server_rows) <= 0.2 * sum(
+        r["encoded"] for r in engine_results["rows"] if r["encoded"]
+    )
     assert server_results["memory"]["server_peak_rss_gb"] > 0.3
 
 
 def test_atlas_guided_clicks_beat_the_model_alone(engine_results: dict, work: Path) -> None:
     """With two other ixi-muse subjects registered onto the subject (as a server with two
     labelled images), clicks are answered along the atlases' vote, better than by the model."""
-    guided = run(require_data("ixi-muse"), work / "guided.json", "--modes", "clicks", "--guide-atlases", "2", "--atlas-cache", str(work / "atlas_cache"))
+    guided = run(
+        require_data("ixi-muse"),
+        work / "guided.json",
+        "--modes",
+        "clicks",
+        "--guide-atlases",
+        "2",
+        "--atlas-cache",
+        str(work / "atlas_cache"),
+    )
     model = {r["model"] for r in guided["rows"]}
     assert model == {"zero-shot + atlases (2)"}
     after = {r["structure"]: r["dice"] for r in guided["rows"] if r["clicks"] == CLICKS}
-    alone = {r["structure"]: r["dice"] for r in engine_results["rows"] if r["mode"] == "clicks" and r["clicks"] == CLICKS}
+    alone = {
+        r["structure"]: r["dice"] for r in engine_results["rows"] if r["mode"] == "clicks" and r["clicks"] == CLICKS
+    }
     assert set(after) == set(STRUCTURES)
     assert np.mean(list(after.values())) > np.mean(list(alone.values()))
     assert any((work / "atlas_cache").glob("*.npz"))  # registrations kept for the next run

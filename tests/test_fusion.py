@@ -1,11 +1,11 @@
-"""Label fusion (brainsam.fusion): the atlases' vote, weighed by intensity where they disagree;
+"""Label fusion (brainsam.atlases.fusion): the atlases' vote, weighed by intensity where they disagree;
 small synthetic images with a known answer."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from brainsam.fusion import AtlasFusion, fuse, fuse_with_intensity, with_borders
+from brainsam.atlases.fusion import AtlasFusion, fuse, fuse_with_intensity, with_borders
 
 SHAPE = (40, 40, 40)
 SPACING = (1.0, 1.0, 1.0)

@@ -5,29 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from nibabel.orientations import apply_orientation, inv_ornt_aff, ornt_transform
 
-from brainsam.propagation import SlicePrompt, SliceResult, StopRule, propagate
-from brainsam.prompts import PromptError, parse_points, parse_roi, points_to_view, prior_box
-from brainsam.view import AXES, SliceView
-from brainsam.volume import RAS, VolumeError, from_array, normalise_intensity
+from brainsam.core.prompts import (
+    PromptError,
+    parse_points,
+    parse_roi,
+    points_to_view,
+    prior_box,
+)
+from brainsam.core.view import AXES, SliceView
+from brainsam.core.volume import VolumeError, from_array, normalise_intensity
+from brainsam.inference.propagation import SlicePrompt, SliceResult, StopRule, propagate
+
+from .support import ORIENTATIONS, stored_copy
 
 # Orientations met in practice: FreeSurfer conformed (LIA), DICOM (LPS), IXI sagittal (PSR), and RAS.
-ORIENTATIONS = {
-    "RAS": [[0, 1], [1, 1], [2, 1]],
-    "LIA": [[0, -1], [2, -1], [1, 1]],
-    "LPS": [[0, -1], [1, -1], [2, 1]],
-    "PSR": [[1, -1], [2, 1], [0, 1]],
-}
-
-
-def stored_copy(canonical: np.ndarray, spacing: tuple[float, float, float], name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The canonical (RAS) array re-stored in orientation `name`, with a matching affine."""
-    target = np.array(ORIENTATIONS[name], dtype=float)
-    stored = apply_orientation(canonical, ornt_transform(RAS, target))
-    ras_affine = np.diag([*spacing, 1.0])
-    ras_affine[:3, 3] = [-40.0, 12.0, -7.5]
-    return stored, ras_affine @ inv_ornt_aff(ornt_transform(RAS, target), canonical.shape)
 
 
 @pytest.fixture()
@@ -58,7 +50,9 @@ def test_stored_indices_map_onto_the_same_voxel(canonical: np.ndarray, name: str
         assert volume.data[tuple(c)] == normalised[tuple(ijk)]
         # world position agrees too: the canonical voxel is the same point in space
         world = affine @ np.r_[ijk, 1.0]
-        assert np.allclose(from_array(canonical, stored_copy(canonical, (1, 1, 1), "RAS")[1]).affine @ np.r_[c, 1.0], world)
+        assert np.allclose(
+            from_array(canonical, stored_copy(canonical, (1, 1, 1), "RAS")[1]).affine @ np.r_[c, 1.0], world
+        )
 
 
 def test_oblique_affine_maps_to_the_closest_axes(canonical: np.ndarray) -> None:
@@ -122,8 +116,13 @@ def test_roi_with_swapped_bounds_maps_to_the_same_box(canonical: np.ndarray) -> 
 def test_bad_prompts_raise_prompt_errors(canonical: np.ndarray) -> None:
     volume = from_array(canonical, np.eye(4))
     view = SliceView(volume.data, volume.spacing, "axial")
-    for points, match in [([[9, 0, 0]], "outside"), ([[-1, 0, 0]], "outside"), ([[1.5, 2, 3]], "whole"),
-                          ([[1, 2]], "3 numbers"), ("abc", "voxel indices")]:
+    for points, match in [
+        ([[9, 0, 0]], "outside"),
+        ([[-1, 0, 0]], "outside"),
+        ([[1.5, 2, 3]], "whole"),
+        ([[1, 2]], "3 numbers"),
+        ("abc", "voxel indices"),
+    ]:
         with pytest.raises(PromptError, match=match):
             parse_points(points, volume, "foreground")
     for roi, match in [([1, 2, 3], "6 numbers"), ([20, 30, 0, 3, 0, 3], "outside"), ("x", "6 numbers")]:

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -35,13 +34,19 @@ import pydicom
 import pytest
 from dicomweb_client import DICOMwebClient
 from monailabel.client import MONAILabelClient
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    io_orientation,
+    ornt_transform,
+)
 from pydicom.uid import generate_uid
 
+from brainsam.core.labels import load_label_set
+from brainsam.core.metrics import dice
 from brainsam.io.dicom import SeriesNames, nifti_to_series
-from brainsam.labels import load_label_set
 
-from .test_server import Subject, refused
+from .support import Subject, deepest, free_port, refused
 
 pytestmark = pytest.mark.ohif
 
@@ -50,7 +55,15 @@ SAMPLE = ROOT / "sample-data" / "studies" / "mni152.nii.gz"
 REFERENCE = ROOT / "sample-data" / "reference" / "mni152.nii.gz"
 SHOTS = ROOT / "runs" / "ohif"
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 STARTUP_S, STEP_MS = 300, 300_000
 CORE, TOOLS = 81985, 55139
 """webpack module ids of @cornerstonejs/core and /tools in the OHIF build of monailabel 0.8.5."""
@@ -67,21 +80,17 @@ class Deployment:
     work: Path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def psr_copy(source: Path, destination: Path) -> None:
     """`source` at 2 mm, stored in IXI's PSR axis order (a left-handed voxel frame)."""
     image = nib.as_closest_canonical(nib.load(str(source)))
     data = np.asanyarray(image.dataobj)[::2, ::2, ::2]
     half = nib.Nifti1Image(data, image.affine @ np.diag([2.0, 2.0, 2.0, 1.0]))
-    nib.save(half.as_reoriented(ornt_transform(io_orientation(half.affine), axcodes2ornt(("P", "S", "R")))), str(destination))
+    nib.save(
+        half.as_reoriented(ornt_transform(io_orientation(half.affine), axcodes2ornt(("P", "S", "R")))), str(destination)
+    )
 
 
-def stop(process: subprocess.Popen) -> None:
+def stop_deployment(process: subprocess.Popen) -> None:
     """Stop scripts/ohif.sh by its PID (it stops the server's process group and Orthanc), then
     anything left of its own process group."""
     if process.poll() is None:
@@ -107,11 +116,35 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     shutil.copyfile(SAMPLE, studies / "mni152.nii.gz")
     psr_copy(SAMPLE, studies / "mni152-2mm-psr.nii.gz")
     port, orthanc = free_port(), free_port()
-    env = {**os.environ, "PORT": str(port), "ORTHANC_PORT": str(orthanc), "STATE": str(work / "state"), "STUDIES": str(studies), "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "ORTHANC_PORT": str(orthanc),
+        "STATE": str(work / "state"),
+        "STUDIES": str(studies),
+        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+    }
     log = work / "ohif.log"
     with open(log, "w") as out:
-        conf = ["--conf", "embedding_dir", "none", "--conf", "adapter", str(work / "adapters"), "--conf", "atlas_cache", str(work / "atlas_cache")]
-        process = subprocess.Popen(["bash", str(ROOT / "scripts" / "ohif.sh"), *conf], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        conf = [
+            "--conf",
+            "embedding_dir",
+            "none",
+            "--conf",
+            "adapter",
+            str(work / "adapters"),
+            "--conf",
+            "atlas_cache",
+            str(work / "atlas_cache"),
+        ]
+        process = subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "ohif.sh"), *conf],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + STARTUP_S
@@ -130,7 +163,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 series[name.removesuffix(".nii.gz")] = rest.split(",")[0]
         yield Deployment(url, f"http://127.0.0.1:{orthanc}/dicom-web", series, log, work)
     finally:
-        stop(process)
+        stop_deployment(process)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +173,11 @@ def page(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory):
 
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True, args=FLAGS, viewport={"width": 1400, "height": 900}
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 1400, "height": 900},
         )
         try:
             yield context.pages[0] if context.pages else context.new_page()
@@ -156,13 +193,11 @@ def shot(page, name: str) -> None:
 def on_grid(labels: Path, image: Path) -> np.ndarray:
     """The label file's voxels in the voxel order of `image` (same head, axes permuted or flipped)."""
     source, target = nib.load(str(labels)), nib.load(str(image))
-    data = apply_orientation(np.asanyarray(source.dataobj), ornt_transform(io_orientation(source.affine), io_orientation(target.affine)))
+    data = apply_orientation(
+        np.asanyarray(source.dataobj), ornt_transform(io_orientation(source.affine), io_orientation(target.affine))
+    )
     assert data.shape == target.shape
     return data
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
 def nrrd_voxels(body: bytes) -> np.ndarray:
@@ -235,13 +270,6 @@ def form_params(body: str) -> dict:
     return json.loads(part.split("\r\n--", 1)[0])
 
 
-def deepest(mask: np.ndarray) -> list[int]:
-    """The voxel of `mask` farthest from its border."""
-    from scipy.ndimage import distance_transform_edt
-
-    return [int(v) for v in np.unravel_index(np.argmax(distance_transform_edt(mask)), mask.shape)]
-
-
 def wait_for_volume(page) -> None:
     """Wait until OHIF has loaded the displayed MR volume (webpack's module table reached first)."""
     page.wait_for_function(
@@ -311,8 +339,12 @@ def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page,
     auto = nrrd_voxels(answer.value.body())
     assert auto.shape == reference.shape
     scores = {s.name: dice(auto == s.id, reference == s.id) for s in LABELS.structures if (reference == s.id).any()}
-    assert len(scores) == 12 and min(scores.values()) > 0.3 and np.mean(list(scores.values())) > 0.55, scores  # AAL by coordinates: docs/day_zero.md
-    print(f"brainsam_auto from OHIF, Dice vs AAL per structure: min {min(scores.values()):.3f}, mean {np.mean(list(scores.values())):.3f}")
+    assert len(scores) == 12 and min(scores.values()) > 0.3 and np.mean(list(scores.values())) > 0.55, (
+        scores
+    )  # AAL by coordinates: docs/day_zero.md
+    print(
+        f"brainsam_auto from OHIF, Dice vs AAL per structure: min {min(scores.values()):.3f}, mean {np.mean(list(scores.values())):.3f}"
+    )
     page.wait_for_timeout(2000)
     index = segment_indices(page)
     ids_to_index = {s.id: index[s.name] for s in LABELS.structures}
@@ -331,7 +363,9 @@ def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page,
     with page.expect_response(lambda r: "/infer/brainsam?" in r.url, timeout=STEP_MS) as answer:
         page.locator("button[title='Run PointPrompts']").click()
     assert answer.value.status == 200, answer.value.text()
-    assert form_params(answer.value.request.post_data)["foreground"] == [target]  # OHIF's voxel indices are the datastore's
+    assert form_params(answer.value.request.post_data)["foreground"] == [
+        target
+    ]  # OHIF's voxel indices are the datastore's
     mask = nrrd_voxels(answer.value.body()) > 0
     score = dice(mask, reference == putamen.id)
     assert score > 0.5
@@ -344,14 +378,18 @@ def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page,
 
     # save from OHIF's segmentation panel (Export DICOM SEG): the final label Train reads, voxel for voxel
     page.locator("[data-cy='panelSegmentation-btn']").click()
-    page.locator("button[aria-haspopup='menu']:visible").filter(has=page.locator("title", has_text="icon-more")).first.click()
+    page.locator("button[aria-haspopup='menu']:visible").filter(
+        has=page.locator("title", has_text="icon-more")
+    ).first.click()
     page.get_by_text("Export & Download").hover()
     page.wait_for_timeout(500)
     page.get_by_text("Export DICOM SEG").click()
     page.wait_for_timeout(1000)
     shot(page, "6-export-dialog")
     page.locator("input:visible").last.fill("brainsam labels")
-    with page.expect_response(lambda r: "/proxy/dicom/" in r.url and r.request.method == "POST", timeout=STEP_MS) as stored:
+    with page.expect_response(
+        lambda r: "/proxy/dicom/" in r.url and r.request.method == "POST", timeout=STEP_MS
+    ) as stored:
         page.get_by_role("button", name="Save").click()
     assert stored.value.status == 200, stored.value.text()
     (entry,) = get_json(f"{deployment.url}/datastore/?output=train")  # what Train's datalist holds
@@ -363,12 +401,16 @@ def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page,
     page.locator("[data-cy='monailabel-btn']").click()
     connect(page, deployment)
     page.get_by_text("Active Learning").click()
-    with page.expect_response(lambda r: r.url.endswith("/train/") and r.request.method == "POST", timeout=STEP_MS) as started:
+    with page.expect_response(
+        lambda r: r.url.endswith("/train/") and r.request.method == "POST", timeout=STEP_MS
+    ) as started:
         page.get_by_role("button", name="Update Model").click()
     assert started.value.status == 200, started.value.text()
     stats = train_started(deployment)
     assert stats["subjects"] == 1 and stats["state"] == "running", stats
-    with page.expect_response(lambda r: r.url.endswith("/train/") and r.request.method == "DELETE", timeout=STEP_MS) as stopped:
+    with page.expect_response(
+        lambda r: r.url.endswith("/train/") and r.request.method == "DELETE", timeout=STEP_MS
+    ) as stopped:
         page.get_by_role("button", name="Stop Training").click()
     assert stopped.value.status == 200, stopped.value.text()
 
@@ -393,12 +435,19 @@ def test_ohif_annotates_saves_and_hands_out_series(deployment: Deployment, page,
     auto = nrrd_voxels(answer.value.body())
     second = download(f"{deployment.url}/datastore/image?image={other}", tmp_path / "other.nii.gz")
     saved = tmp_path / "saved-2mm.nii.gz"  # the saved label as the 2 mm copy was made (every second voxel)
-    nib.save(nib.Nifti1Image(expected[::2, ::2, ::2], nib.load(str(image)).affine @ np.diag([2.0, 2.0, 2.0, 1.0])), str(saved))
+    nib.save(
+        nib.Nifti1Image(expected[::2, ::2, ::2], nib.load(str(image)).affine @ np.diag([2.0, 2.0, 2.0, 1.0])),
+        str(saved),
+    )
     truth = on_grid(saved, second)
     scores = {s.name: dice(auto == s.id, truth == s.id) for s in LABELS.structures if (truth == s.id).any()}
     assert len(scores) == 17 and min(scores.values()) > 0.6, scores
-    print(f"brainsam_auto on the 2 mm PSR series (atlas: the label saved from OHIF), Dice vs that label per structure: min {min(scores.values()):.3f}, mean {np.mean(list(scores.values())):.3f}")
-    _, result = MONAILabelClient(deployment.url).infer("brainsam_auto", other, {})  # the same request: the atlases it used
+    print(
+        f"brainsam_auto on the 2 mm PSR series (atlas: the label saved from OHIF), Dice vs that label per structure: min {min(scores.values()):.3f}, mean {np.mean(list(scores.values())):.3f}"
+    )
+    _, result = MONAILabelClient(deployment.url).infer(
+        "brainsam_auto", other, {}
+    )  # the same request: the atlases it used
     assert result["atlases"] == [series]
     page.wait_for_timeout(2000)
     index = segment_indices(page)
@@ -428,7 +477,11 @@ def test_series_that_cannot_be_segmented_are_refused_with_the_reason(deployment:
     finally:
         orthanc = deployment.dicomweb.removesuffix("/dicom-web")
         for dataset in (single, ct):
-            lookup = urllib.request.Request(f"{orthanc}/tools/lookup", data=dataset.SeriesInstanceUID.encode(), method="POST")
+            lookup = urllib.request.Request(
+                f"{orthanc}/tools/lookup", data=dataset.SeriesInstanceUID.encode(), method="POST"
+            )
             with urllib.request.urlopen(lookup, timeout=60) as response:
                 for found in json.load(response):
-                    urllib.request.urlopen(urllib.request.Request(f"{orthanc}/series/{found['ID']}", method="DELETE"), timeout=60).close()
+                    urllib.request.urlopen(
+                        urllib.request.Request(f"{orthanc}/series/{found['ID']}", method="DELETE"), timeout=60
+                    ).close()

@@ -10,21 +10,24 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brainsam.engine import Engine
-from brainsam.evaluate import roi_of
-from brainsam.robot import interior_voxel, next_click
-from brainsam.labels import CONFIGS, load_mapping
-from brainsam.propagation import dice
-from brainsam.volume import load_volume
+from brainsam.core.labels import CONFIGS, load_mapping
+from brainsam.core.metrics import dice
+from brainsam.core.volume import load_volume
+from brainsam.evaluation.evaluate import roi_of
+from brainsam.inference.engine import Engine
+from brainsam.training.robot import interior_voxel, next_click
 
-from .conftest import require_data
+from .support import require_data
 
 pytestmark = pytest.mark.realdata
 
 
 def load_subject(engine: Engine, folder, labels_name: str, mapping: str, structure: str):
     volume = load_volume(folder / "T1.nii.gz")
-    truth = np.asanyarray(nib.load(str(folder / labels_name)).dataobj) == load_mapping(CONFIGS / "mappings" / mapping)[structure]
+    truth = (
+        np.asanyarray(nib.load(str(folder / labels_name)).dataobj)
+        == load_mapping(CONFIGS / "mappings" / mapping)[structure]
+    )
     return engine.prepare(volume), truth
 
 

@@ -1,4 +1,4 @@
-"""The shared reference space (brainsam.reference) and registration across scanners.
+"""The shared reference space (brainsam.atlases.reference) and registration across scanners.
 
 Composition is checked exactly on made-up affines; placement and a cross-scanner registration
 on real subjects from ../shared/data (skipped with a reason when absent, or when mricron-data,
@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from brainsam.atlas import RegistrationSettings, load_atlas, propagate
-from brainsam.labels import CONFIGS, load_label_set, load_mapping
-from brainsam.propagation import dice
-from brainsam.reference import Placements, between, downsample, load_reference
-from brainsam.sample import INSTALL_HINT, MRICRON
+from brainsam.atlases.atlas import load_atlas
+from brainsam.atlases.reference import Placements, between, downsample, load_reference
+from brainsam.atlases.registration import RegistrationSettings, carry_labels
+from brainsam.core.labels import CONFIGS, load_label_set, load_mapping
+from brainsam.core.metrics import dice
+from brainsam.io.sample import INSTALL_HINT, MRICRON
 
-from .conftest import require_data
+from .support import require_data
 
 
 def affine(matrix: np.ndarray, translation: np.ndarray, centre: np.ndarray) -> sitk.AffineTransform:
@@ -30,13 +31,19 @@ def affine(matrix: np.ndarray, translation: np.ndarray, centre: np.ndarray) -> s
 
 def test_between_composes_the_source_placement_after_the_inverse_of_the_target() -> None:
     rng = np.random.default_rng(0)
-    target = affine(np.eye(3) + 0.1 * rng.standard_normal((3, 3)), rng.standard_normal(3) * 10, np.array([90.0, 100.0, 80.0]))
-    source = affine(np.eye(3) + 0.1 * rng.standard_normal((3, 3)), rng.standard_normal(3) * 10, np.array([10.0, -5.0, 3.0]))
+    target = affine(
+        np.eye(3) + 0.1 * rng.standard_normal((3, 3)), rng.standard_normal(3) * 10, np.array([90.0, 100.0, 80.0])
+    )
+    source = affine(
+        np.eye(3) + 0.1 * rng.standard_normal((3, 3)), rng.standard_normal(3) * 10, np.array([10.0, -5.0, 3.0])
+    )
     combined = between(target, source)
     for reference_point in rng.uniform(0, 200, (5, 3)):
         # a reference point seen in the target must land where the source sees it
         seen_in_target = target.TransformPoint(reference_point.tolist())
-        np.testing.assert_allclose(combined.TransformPoint(seen_in_target), source.TransformPoint(reference_point.tolist()), atol=1e-6)
+        np.testing.assert_allclose(
+            combined.TransformPoint(seen_in_target), source.TransformPoint(reference_point.tolist()), atol=1e-6
+        )
     identity = between(target, target)
     np.testing.assert_allclose(identity.TransformPoint((3.0, 4.0, 5.0)), (3.0, 4.0, 5.0), atol=1e-6)
 
@@ -64,8 +71,12 @@ def test_a_2mm_scan_of_another_scanner_is_placed_on_the_reference_brain(tmp_path
     folder = require_data("ixi-muse", "IXI012-HH-1211")
     require_reference()
     labels = load_label_set()
-    subject = load_atlas(folder / "T1.nii.gz", folder / "muse.nii.gz", load_mapping(CONFIGS / "mappings" / "muse.yaml"), labels)
-    aal = load_atlas(MRICRON / "ch2.nii.gz", MRICRON / "aal.nii.gz", load_mapping(CONFIGS / "mappings" / "aal.yaml"), labels)
+    subject = load_atlas(
+        folder / "T1.nii.gz", folder / "muse.nii.gz", load_mapping(CONFIGS / "mappings" / "muse.yaml"), labels
+    )
+    aal = load_atlas(
+        MRICRON / "ch2.nii.gz", MRICRON / "aal.nii.gz", load_mapping(CONFIGS / "mappings" / "aal.yaml"), labels
+    )
     placements = Placements(cache=tmp_path)
     placement = placements.of(subject.volume)
     assert list(tmp_path.glob("placement-*.tfm")), "the placement is kept on disk"
@@ -83,9 +94,22 @@ def test_a_freesurfer_atlas_labels_a_scan_of_another_scanner() -> None:
     atlas_folder, target_folder = require_data("fs-aseg", "sub-01"), require_data("ixi-muse", "IXI012-HH-1211")
     require_reference()
     labels = load_label_set()
-    atlas = load_atlas(atlas_folder / "T1.nii.gz", atlas_folder / "aseg.nii.gz", load_mapping(CONFIGS / "mappings" / "aseg.yaml"), labels)
-    target = load_atlas(target_folder / "T1.nii.gz", target_folder / "muse.nii.gz", load_mapping(CONFIGS / "mappings" / "muse.yaml"), labels)
-    carried = propagate(atlas, target.volume, RegistrationSettings())
-    scores = {name: dice(carried == labels[name].id, target.labels == labels[name].id) for name in ("Left-Thalamus", "Right-Thalamus", "Brain-Stem", "Right-Putamen")}
+    atlas = load_atlas(
+        atlas_folder / "T1.nii.gz",
+        atlas_folder / "aseg.nii.gz",
+        load_mapping(CONFIGS / "mappings" / "aseg.yaml"),
+        labels,
+    )
+    target = load_atlas(
+        target_folder / "T1.nii.gz",
+        target_folder / "muse.nii.gz",
+        load_mapping(CONFIGS / "mappings" / "muse.yaml"),
+        labels,
+    )
+    carried = carry_labels(atlas, target.volume, RegistrationSettings())
+    scores = {
+        name: dice(carried == labels[name].id, target.labels == labels[name].id)
+        for name in ("Left-Thalamus", "Right-Thalamus", "Brain-Stem", "Right-Putamen")
+    }
     # measured 0.79 / 0.82 / 0.79 / 0.73 against MUSE labels (another labelling protocol)
     assert min(scores.values()) > 0.6, scores

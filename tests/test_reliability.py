@@ -2,7 +2,7 @@
 processes, and the basics of what a request may touch on the server's disk.
 
 One server (restarted once, by SIGKILL, in the last test) serves a temporary studies folder
-holding an ixi-muse subject (2 mm) and small synthetic phantoms written with nibabel, some of them
+holding an ixi-muse subject (2 mm; the installed sample where the shared cohorts are absent) and small synthetic phantoms written with nibabel, some of them
 broken on purpose. Every prompt on a valid image is a box over 3 slices, so each image costs at
 most a few slice encodings.
 
@@ -35,12 +35,22 @@ from monailabel.client.client import MONAILabelClientException, MONAILabelUtils
 from monailabel.config import settings
 from scipy import ndimage
 
-from brainsam.labels import load_mapping
+from brainsam.core.metrics import dice
 
-from .conftest import require_data
-from .test_server import MODEL, ROOT, Subject, dice, infer, publish, refused, running_server
-from .test_train_server import train_stats as stats
-from .test_train_server import training_ended, wait_until
+from .support import (
+    MODEL,
+    ROOT,
+    LabelledFiles,
+    Subject,
+    infer,
+    publish,
+    real_or_sample,
+    refused,
+    running_server,
+    training_ended,
+    wait_until,
+)
+from .support import train_stats as stats
 
 pytestmark = pytest.mark.server
 
@@ -64,7 +74,9 @@ def table() -> Iterator[None]:
         Path(os.environ["BRAINSAM_RELIABILITY_ROWS"]).write_text(json.dumps(ROWS, indent=1) + "\n")
 
 
-def phantom(shape: tuple[int, int, int], spacing: tuple[float, float, float], radii_mm: tuple[float, float, float] = (8, 10, 6)) -> tuple[np.ndarray, np.ndarray]:
+def phantom(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], radii_mm: tuple[float, float, float] = (8, 10, 6)
+) -> tuple[np.ndarray, np.ndarray]:
     """A head-like phantom on a grid of `shape` and voxel `spacing` (mm): a grey ellipsoid filling
     the grid holding a bright ellipsoid (the structure) of `radii_mm` at its centre.
     Returns (image uint8, truth bool); built axis by axis, so a 512^3 grid fits in memory."""
@@ -137,12 +149,17 @@ def subjects(studies: Path) -> dict[str, Subject]:
 
 
 @pytest.fixture(scope="module")
-def ixi(studies: Path) -> Subject:
-    source = require_data("ixi-muse", IXI)
-    shutil.copy(source / "T1.nii.gz", studies / f"{IXI}.nii.gz")
-    image = nib.load(source / "T1.nii.gz")
-    labels = np.asarray(nib.load(source / "muse.nii.gz").dataobj)
-    return Subject(IXI, tuple(image.shape), image.affine, labels, load_mapping(ROOT / "configs" / "mappings" / "muse.yaml"))
+def labelled_files() -> LabelledFiles:
+    return real_or_sample("ixi-muse", IXI, "muse.nii.gz", "muse.yaml")
+
+
+@pytest.fixture(scope="module")
+def labelled(studies: Path, labelled_files: LabelledFiles) -> Subject:
+    """A real MRI with its labels in the studies folder: an ixi-muse subject, else the sample."""
+    shutil.copy(labelled_files.image, studies / f"{labelled_files.name}.nii.gz")
+    image = nib.load(labelled_files.image)
+    labels = np.asarray(nib.load(labelled_files.labels).dataobj)
+    return Subject(labelled_files.name, tuple(image.shape), image.affine, labels, labelled_files.ids)
 
 
 class Restartable:
@@ -163,7 +180,9 @@ class Restartable:
 
 
 @pytest.fixture(scope="module")
-def server(studies: Path, subjects: dict[str, Subject], ixi: Subject, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Restartable]:
+def server(
+    studies: Path, subjects: dict[str, Subject], labelled: Subject, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Restartable]:
     running = Restartable(studies, tmp_path_factory.mktemp("reliability-server"))
     try:
         yield running
@@ -210,7 +229,9 @@ def refusal(status: int, message: str) -> str:
     return f"{status}: {shorten(TEMPORARY_FOLDERS.sub('…/', message))}"
 
 
-def test_damaged_and_unsegmentable_files_are_refused(server: Restartable, subjects: dict[str, Subject], tmp_path: Path) -> None:
+def test_damaged_and_unsegmentable_files_are_refused(
+    server: Restartable, subjects: dict[str, Subject], tmp_path: Path
+) -> None:
     client = server.server.client("files", tmp_path)
     params = {"label": LABEL, "roi": box(subjects["phantom"])}
     cases = [
@@ -228,7 +249,9 @@ def test_damaged_and_unsegmentable_files_are_refused(server: Restartable, subjec
     assert result["interaction"] == "segment" and mask.any()
 
 
-def test_odd_but_valid_images_segment_on_their_own_grid(server: Restartable, subjects: dict[str, Subject], tmp_path: Path) -> None:
+def test_odd_but_valid_images_segment_on_their_own_grid(
+    server: Restartable, subjects: dict[str, Subject], tmp_path: Path
+) -> None:
     """A box over 3 slices of each phantom: a mask on the image's grid and affine (checked by
     `infer`) matching the structure inside the box."""
     client = server.server.client("odd-images", tmp_path)
@@ -240,11 +263,16 @@ def test_odd_but_valid_images_segment_on_their_own_grid(server: Restartable, sub
         seconds = time.perf_counter() - began
         score = dice(mask, boxed_truth(subject, roi))
         assert result["interaction"] == "segment"
-        assert score > 0.3, (name, score)  # a mask on a wrong grid or place scores ~0; measured values go into the table
+        assert score > 0.3, (
+            name,
+            score,
+        )  # a mask on a wrong grid or place scores ~0; measured values go into the table
         record(case, f"200: mask on the image's own grid and affine, Dice {score:.2f} inside the box ({seconds:.0f} s)")
 
 
-def test_bad_prompts_answer_4xx_with_what_to_fix(server: Restartable, subjects: dict[str, Subject], tmp_path: Path) -> None:
+def test_bad_prompts_answer_4xx_with_what_to_fix(
+    server: Restartable, subjects: dict[str, Subject], tmp_path: Path
+) -> None:
     client = server.server.client("prompts", tmp_path)
     subject = subjects["phantom"]
     click = [24, 24, 20]
@@ -261,9 +289,21 @@ def test_bad_prompts_answer_4xx_with_what_to_fix(server: Restartable, subjects: 
         ("roi of 4 numbers", {"label": LABEL, "roi": [1, 2, 3, 4]}, "roi must be 6 numbers"),
         ("roi outside the image", {"label": LABEL, "roi": [900, 990, 0, 10, 0, 10]}, "outside the image"),
         ("zero-size roi (one voxel)", {"label": LABEL, "roi": [24, 24, 24, 24, 20, 20]}, "encloses no area"),
-        ("reset_state not a boolean", {"label": LABEL, "foreground": [click], "reset_state": "maybe"}, "reset_state must be true or false"),
-        ("unknown result format", {"label": LABEL, "foreground": [click], "result_extension": ".png"}, "result_extension must be one of"),
-        ("non-numeric result_dtype", {"label": LABEL, "foreground": [click], "result_dtype": "text"}, "result_dtype must name a numeric type"),
+        (
+            "reset_state not a boolean",
+            {"label": LABEL, "foreground": [click], "reset_state": "maybe"},
+            "reset_state must be true or false",
+        ),
+        (
+            "unknown result format",
+            {"label": LABEL, "foreground": [click], "result_extension": ".png"},
+            "result_extension must be one of",
+        ),
+        (
+            "non-numeric result_dtype",
+            {"label": LABEL, "foreground": [click], "result_dtype": "text"},
+            "result_dtype must name a numeric type",
+        ),
     ]
     for case, params, message in cases:
         detail = refused(400, client, subject, params)
@@ -286,15 +326,21 @@ def test_malformed_and_empty_params(server: Restartable, subjects: dict[str, Sub
         ("", "empty params", 400, "label must name a structure"),
         ("{}", "params {}", 400, "label must name a structure"),
     ]:
-        code, body, _, _ = MONAILabelUtils.http_multipart("POST", url, f"/infer/{MODEL}?image=phantom", {"params": text}, {})
+        code, body, _, _ = MONAILabelUtils.http_multipart(
+            "POST", url, f"/infer/{MODEL}?image=phantom", {"params": text}, {}
+        )
         detail = json.loads(body)["detail"]
         assert code == status and message in detail, (text, code, body)
         record(case, refusal(code, detail))
-    mask, _ = infer(server.server.client("params", tmp_path), subjects["phantom"], {"label": LABEL, "roi": box(subjects["phantom"])})
+    mask, _ = infer(
+        server.server.client("params", tmp_path), subjects["phantom"], {"label": LABEL, "roi": box(subjects["phantom"])}
+    )
     assert mask.any()
 
 
-def test_images_only_through_the_datastore(server: Restartable, studies: Path, subjects: dict[str, Subject], tmp_path: Path) -> None:
+def test_images_only_through_the_datastore(
+    server: Restartable, studies: Path, subjects: dict[str, Subject], tmp_path: Path
+) -> None:
     """No request names a file to open or to write: paths and traversing ids are refused, and
     nothing is written outside the studies folder."""
     client = server.server.client("intruder", tmp_path)
@@ -305,7 +351,7 @@ def test_images_only_through_the_datastore(server: Restartable, studies: Path, s
     request = {"label": LABEL, "roi": box(subjects["phantom"])}
     for image, params, case in [
         (str(elsewhere), request, "image = absolute path of a NIfTI outside the studies folder"),
-        ("phantom", {**request, "image": str(elsewhere)}, "params name a file: {\"image\": \"/path/outside.nii.gz\"}"),
+        ("phantom", {**request, "image": str(elsewhere)}, 'params name a file: {"image": "/path/outside.nii.gz"}'),
         ("../../etc/passwd", request, "image id ../../etc/passwd"),
         ("no-such-image", request, "unknown image id"),
     ]:
@@ -315,9 +361,21 @@ def test_images_only_through_the_datastore(server: Restartable, studies: Path, s
     escape = os.path.relpath(outside / "escaped", studies)
     tag = os.path.relpath(outside, studies / "labels")
     calls: list[tuple[str, Callable[[], Any], str]] = [
-        ("upload with an image id climbing out of the studies folder (../…/escaped)", lambda: client.upload_image(str(elsewhere), image_id=escape), "image id must be a plain name"),
-        ("save a label with a tag climbing out of labels/ (../…)", lambda: client.save_label("phantom", str(elsewhere), tag=tag), "label tag must be a plain name"),
-        ("save a label for an unknown image id", lambda: client.save_label("no-such-image", str(elsewhere), tag="final"), "not found"),
+        (
+            "upload with an image id climbing out of the studies folder (../…/escaped)",
+            lambda: client.upload_image(str(elsewhere), image_id=escape),
+            "image id must be a plain name",
+        ),
+        (
+            "save a label with a tag climbing out of labels/ (../…)",
+            lambda: client.save_label("phantom", str(elsewhere), tag=tag),
+            "label tag must be a plain name",
+        ),
+        (
+            "save a label for an unknown image id",
+            lambda: client.save_label("no-such-image", str(elsewhere), tag="final"),
+            "not found",
+        ),
     ]
     for case, call, message in calls:
         with pytest.raises(MONAILabelClientException) as caught:
@@ -335,7 +393,10 @@ def test_readme_server_binds_localhost_and_names_the_auth_switch() -> None:
     commands = [line for text in (readme, demo) for line in text.splitlines() if "start_server --app" in line]
     assert commands and all("--host 127.0.0.1" in line for line in commands), commands
     assert "MONAI_LABEL_AUTH_ENABLE" in readme and hasattr(settings, "MONAI_LABEL_AUTH_ENABLE")
-    record("server command of README and demo.sh", f"binds 127.0.0.1 ({len(commands)} commands checked); README names MONAI_LABEL_AUTH_ENABLE")
+    record(
+        "server command of README and demo.sh",
+        f"binds 127.0.0.1 ({len(commands)} commands checked); README names MONAI_LABEL_AUTH_ENABLE",
+    )
 
 
 def run_in_threads(calls: list[Callable[[], Any]]) -> list[Any]:
@@ -376,23 +437,43 @@ def clicks_then_correction(client: MONAILabelClient, subject: Subject) -> list[t
     return answers
 
 
-def test_two_annotators_click_on_different_images_at_once(server: Restartable, subjects: dict[str, Subject], tmp_path: Path) -> None:
+def test_two_annotators_click_on_different_images_at_once(
+    server: Restartable, subjects: dict[str, Subject], tmp_path: Path
+) -> None:
     """The same requests sent one after the other and then from two threads at once give the
     same masks: one annotator's state never leaks into the other's."""
-    images = [subjects["phantom"], subjects["anisotropic"]]  # other grids: a mask sent to the wrong client fails `infer`
+    images = [
+        subjects["phantom"],
+        subjects["anisotropic"],
+    ]  # other grids: a mask sent to the wrong client fails `infer`
     alone = [clicks_then_correction(server.server.client(f"alone-{s.image_id}", tmp_path), s) for s in images]
-    together = run_in_threads([lambda s=s: clicks_then_correction(server.server.client(f"together-{s.image_id}", tmp_path), s) for s in images])
+    together = run_in_threads(
+        [
+            lambda s=s: clicks_then_correction(server.server.client(f"together-{s.image_id}", tmp_path), s)
+            for s in images
+        ]
+    )
     for one, other in zip(alone, together):
         assert [kind for _, kind in one] == [kind for _, kind in other] == ["segment", "refine"]
         assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(one, other))
-    record("two annotators clicking on different images at once (2 threads, box + correction each)", "both answered; masks identical to the same requests sent one at a time")
+    record(
+        "two annotators clicking on different images at once (2 threads, box + correction each)",
+        "both answered; masks identical to the same requests sent one at a time",
+    )
 
 
 def saved_label(studies: Path, image_id: str) -> bytes:
     return (studies / "labels" / "final" / f"{image_id}.nii.gz").read_bytes()
 
 
-def test_labels_saved_at_once_are_all_kept(server: Restartable, studies: Path, subjects: dict[str, Subject], ixi: Subject, tmp_path: Path) -> None:
+def test_labels_saved_at_once_are_all_kept(
+    server: Restartable,
+    studies: Path,
+    subjects: dict[str, Subject],
+    labelled: Subject,
+    labelled_files: LabelledFiles,
+    tmp_path: Path,
+) -> None:
     """Four annotators submit labels for four images at the same moment, then two submit for the
     same image at once: every label is listed and stored whole (the second pair: one of the two)."""
     client = server.server.client("labels", tmp_path)
@@ -400,20 +481,33 @@ def test_labels_saved_at_once_are_all_kept(server: Restartable, studies: Path, s
     for name in ("phantom", "nan", "anisotropic"):
         files[name] = tmp_path / f"{name}-label.nii.gz"
         nib.save(nib.Nifti1Image(subjects[name].labels, subjects[name].affine), files[name])
-    files[IXI] = require_data("ixi-muse", IXI, "muse.nii.gz")
-    muse_info = [{"name": name, "idx": idx} for name, idx in ixi.ids.items()]
-    infos = {name: PHANTOM_LABEL_INFO for name in files} | {IXI: muse_info}
-    run_in_threads([lambda n=n: client.save_label(n, str(files[n]), tag="final", params={"label_info": infos[n]}) for n in files])
+    files[labelled.image_id] = labelled_files.labels
+    label_info = [{"name": name, "idx": idx} for name, idx in labelled.ids.items()]
+    infos = {name: PHANTOM_LABEL_INFO for name in files} | {labelled.image_id: label_info}
+    run_in_threads(
+        [lambda n=n: client.save_label(n, str(files[n]), tag="final", params={"label_info": infos[n]}) for n in files]
+    )
     listed = client.datastore()["objects"]
     for name, path in files.items():
         assert "final" in listed[name]["labels"] and saved_label(studies, name) == Path(path).read_bytes(), name
-    record("4 clients save labels for 4 images at the same moment", "all 4 listed in the datastore, each file byte-identical to what was sent")
+    record(
+        "4 clients save labels for 4 images at the same moment",
+        "all 4 listed in the datastore, each file byte-identical to what was sent",
+    )
 
     grown = tmp_path / "phantom-grown.nii.gz"
     nib.save(nib.Nifti1Image(ndimage.binary_dilation(subjects["phantom"].labels).astype(np.uint8), np.eye(4)), grown)
-    run_in_threads([lambda p=p: client.save_label("phantom", str(p), tag="final", params={"label_info": PHANTOM_LABEL_INFO}) for p in (files["phantom"], grown)])
+    run_in_threads(
+        [
+            lambda p=p: client.save_label("phantom", str(p), tag="final", params={"label_info": PHANTOM_LABEL_INFO})
+            for p in (files["phantom"], grown)
+        ]
+    )
     assert saved_label(studies, "phantom") in (files["phantom"].read_bytes(), grown.read_bytes())
-    record("2 clients save a label for the same image at the same moment", "one of the two is kept whole (last writer wins), never a mix")
+    record(
+        "2 clients save a label for the same image at the same moment",
+        "one of the two is kept whole (last writer wins), never a mix",
+    )
 
 
 def adapter_files(folder: Path) -> dict[str, int]:
@@ -421,13 +515,18 @@ def adapter_files(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != "train_stats.json"}
 
 
-def test_inference_while_training_then_training_killed_with_sigkill(server: Restartable, subjects: dict[str, Subject], tmp_path: Path) -> None:
+def test_inference_while_training_then_training_killed_with_sigkill(
+    server: Restartable, subjects: dict[str, Subject], tmp_path: Path
+) -> None:
     """Training runs on the saved labels in MONAI Label's subprocess; clicks keep answering with
     the same masks meanwhile; SIGKILL of the training process mid-run publishes nothing, the
     run shows as stopped and the server keeps serving."""
     running = server.server
     client = running.client("while-training", tmp_path)
-    requests = [(subjects[name], {"label": LABEL, "roi": box(subjects[name]), "reset_state": True}) for name in ("phantom", "oblique")]
+    requests = [
+        (subjects[name], {"label": LABEL, "roi": box(subjects[name]), "reset_state": True})
+        for name in ("phantom", "oblique")
+    ]
     before = [infer(client, subject, params)[0] for subject, params in requests]
     published = adapter_files(server.adapters)
     client.train_start(MODEL, TRAIN_RUN)
@@ -436,7 +535,11 @@ def test_inference_while_training_then_training_killed_with_sigkill(server: Rest
     assert all(np.array_equal(a, b) for a, b in zip(before, during))
     record("inference while training runs", "answers unchanged (identical masks before and during training)")
 
-    wait_until(lambda: stats(running).get("iteration", 0) >= 1 or stats(running)["state"] != "running", "a training step", running)
+    wait_until(
+        lambda: stats(running).get("iteration", 0) >= 1 or stats(running)["state"] != "running",
+        "a training step",
+        running,
+    )
     assert stats(running)["state"] == "running", stats(running)
     os.kill(int(stats(running)["pid"]), signal.SIGKILL)
     wait_until(lambda: training_ended(client), "the task ending", running)
@@ -444,18 +547,25 @@ def test_inference_while_training_then_training_killed_with_sigkill(server: Rest
     assert adapter_files(server.adapters) == published
     after = [infer(client, subject, params)[0] for subject, params in requests]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
-    record("training process killed with SIGKILL after its first step", "nothing published, no temporary file left, run shown as stopped; clicks answer as before")
+    record(
+        "training process killed with SIGKILL after its first step",
+        "nothing published, no temporary file left, run shown as stopped; clicks answer as before",
+    )
 
 
-def test_damaged_adapters_are_refused_and_the_last_good_one_serves(server: Restartable, subjects: dict[str, Subject], tmp_path: Path) -> None:
-    from brainsam.backbones import load_backbone
-    from brainsam.lora import LoraSettings, add_lora
+def test_damaged_adapters_are_refused_and_the_last_good_one_serves(
+    server: Restartable, subjects: dict[str, Subject], tmp_path: Path
+) -> None:
+    from brainsam.modeling.backbones import load_backbone
+    from brainsam.modeling.lora import LoraSettings, add_lora
 
     running = server.server
     client = running.client("adapters", tmp_path)
     request = {"label": LABEL, "roi": box(subjects["phantom"]), "reset_state": True}
     model = load_backbone("litemedsam")
-    settings_ = add_lora(model, LoraSettings(rank=2, alpha=4, blocks=(0,)))  # starts at zero: same masks as the base model
+    settings_ = add_lora(
+        model, LoraSettings(rank=2, alpha=4, blocks=(0,))
+    )  # starts at zero: same masks as the base model
     now = time.time()
     good = server.adapters / "good.safetensors"
     publish(model, settings_, good, now + 1)
@@ -469,7 +579,10 @@ def test_damaged_adapters_are_refused_and_the_last_good_one_serves(server: Resta
     mask, result = infer(client, subjects["phantom"], request)
     assert result["adapter"] == "good.safetensors" and np.array_equal(mask, served)
     assert "refused adapter" in running.log.read_text() and "truncated.safetensors" in running.log.read_text()
-    record("newer adapter file truncated (90 % of its bytes)", "refused with a log line; the last good adapter keeps serving")
+    record(
+        "newer adapter file truncated (90 % of its bytes)",
+        "refused with a log line; the last good adapter keeps serving",
+    )
 
     with open(good, "r+b") as handle:  # the serving file itself damaged in place
         handle.seek(len(whole) // 2)
@@ -478,7 +591,10 @@ def test_damaged_adapters_are_refused_and_the_last_good_one_serves(server: Resta
     mask, result = infer(client, subjects["phantom"], request)
     assert result["adapter"] == "good.safetensors" and np.array_equal(mask, served)
     assert running.log.read_text().count("refused adapter") >= 2
-    record("the serving adapter file overwritten with zeros in place", "refused with a log line; the weights loaded before keep serving")
+    record(
+        "the serving adapter file overwritten with zeros in place",
+        "refused with a log line; the weights loaded before keep serving",
+    )
     good.write_bytes(whole)  # put back, as a fresh publication would
     os.utime(good, (now + 4, now + 4))
 
@@ -486,9 +602,9 @@ def test_damaged_adapters_are_refused_and_the_last_good_one_serves(server: Resta
 PUBLISH_UNDER_LIMIT = """
 import sys
 from pathlib import Path
-from brainsam.adapters import build_manifest, save_adapter
-from brainsam.backbones import load_backbone
-from brainsam.lora import LoraSettings, add_lora
+from brainsam.modeling.adapters import build_manifest, save_adapter
+from brainsam.modeling.backbones import load_backbone
+from brainsam.modeling.lora import LoraSettings, add_lora
 model = load_backbone("litemedsam")
 settings = add_lora(model, LoraSettings(rank=2, alpha=4, blocks=(0,)))
 save_adapter(model, build_manifest(model, settings, labels=[]), Path(sys.argv[1]))
@@ -502,21 +618,46 @@ def limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 
-def test_disk_full_while_publishing_leaves_the_published_adapter_intact(server: Restartable, subjects: dict[str, Subject], tmp_path: Path) -> None:
+def test_disk_full_while_publishing_leaves_the_published_adapter_intact(
+    server: Restartable, subjects: dict[str, Subject], tmp_path: Path
+) -> None:
     running = server.server
-    before = {p.name: p.read_bytes() for p in server.adapters.iterdir() if p.suffix in (".safetensors", ".json") and p.name != "train_stats.json"}
+    before = {
+        p.name: p.read_bytes()
+        for p in server.adapters.iterdir()
+        if p.suffix in (".safetensors", ".json") and p.name != "train_stats.json"
+    }
     target = server.adapters / "brainsam-new.safetensors"
-    done = subprocess.run([sys.executable, "-c", PUBLISH_UNDER_LIMIT, str(target)], preexec_fn=limit_file_size, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", PUBLISH_UNDER_LIMIT, str(target)],
+        preexec_fn=limit_file_size,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert done.returncode != 0 and "File too large" in done.stderr, done.stderr[-2000:]
-    after = {p.name: p.read_bytes() for p in server.adapters.iterdir() if p.suffix in (".safetensors", ".json") and p.name != "train_stats.json"}
-    assert after == before and not list(server.adapters.glob(".*.tmp"))
-    _, result = infer(running.client("disk-full", tmp_path), subjects["phantom"], {"label": LABEL, "roi": box(subjects["phantom"]), "reset_state": True})
+    after = {
+        p.name: p.read_bytes()
+        for p in server.adapters.iterdir()
+        if p.suffix in (".safetensors", ".json") and p.name != "train_stats.json"
+    }
+    assert after == before and not list(server.adapters.glob(".*.tmp*"))
+    _, result = infer(
+        running.client("disk-full", tmp_path),
+        subjects["phantom"],
+        {"label": LABEL, "roi": box(subjects["phantom"]), "reset_state": True},
+    )
     assert result["adapter"] == "good.safetensors"
     error = done.stderr.strip().splitlines()[-1]
-    record("disk full while publishing an adapter (writes fail with EFBIG past 1 MB)", f"publishing fails ({shorten(error, 60)}); no file or temporary file left; the published adapter keeps serving")
+    record(
+        "disk full while publishing an adapter (writes fail with EFBIG past 1 MB)",
+        f"publishing fails ({shorten(error, 60)}); no file or temporary file left; the published adapter keeps serving",
+    )
 
 
-def test_server_killed_mid_session_keeps_every_label_and_clicks_work_after_restart(server: Restartable, studies: Path, subjects: dict[str, Subject], tmp_path: Path) -> None:
+def test_server_killed_mid_session_keeps_every_label_and_clicks_work_after_restart(
+    server: Restartable, studies: Path, subjects: dict[str, Subject], tmp_path: Path
+) -> None:
     client = server.server.client("restart", tmp_path)
     subject = subjects["phantom"]
     roi = box(subject)
@@ -532,4 +673,7 @@ def test_server_killed_mid_session_keeps_every_label_and_clicks_work_after_resta
     after, result = infer(client, subject, {**prompts, "reset_state": False})
     assert result["interaction"] == "segment" and np.array_equal(after, before)
     assert result["adapter"] == "good.safetensors"
-    record("server killed with SIGKILL mid-session, then started again", f"all {len(labels)} saved labels listed and intact; the same clicks give the same mask")
+    record(
+        "server killed with SIGKILL mid-session, then started again",
+        f"all {len(labels)} saved labels listed and intact; the same clicks give the same mask",
+    )

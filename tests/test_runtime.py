@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from brainsam.backbones import load_backbone
-from brainsam.lora import LoraSettings, add_lora, merge_lora
-from brainsam.runtime import Choice, Runtime, choose
+from brainsam.core.runtime import Choice, Runtime, choose
+from brainsam.modeling.backbones import load_backbone
+from brainsam.modeling.lora import LoraSettings, add_lora, merge_lora
 
 
 def small_encoder() -> nn.Module:
@@ -99,7 +99,7 @@ def test_bf16_runs_under_autocast_and_answers_float32() -> None:
 PROBE = """
 import sys, torch
 from torch._dynamo.utils import counters
-from brainsam.runtime import Runtime
+from brainsam.core.runtime import Runtime
 torch.manual_seed(0)
 network = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
 encode = Runtime.for_device("cpu", "compiled", sys.argv[1]).encoder(network)
@@ -112,8 +112,15 @@ print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_c
 def test_compiled_code_persists_for_the_next_process(tmp_path: Path) -> None:
     """A second process naming the same cache folder loads the compiled graph instead of
     compiling it (inductor's FX graph cache)."""
+
     def run() -> tuple[int, int]:
-        done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "compiled")], capture_output=True, text=True, check=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE, str(tmp_path / "compiled")],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        )
         hits, misses = done.stdout.split()
         return int(hits), int(misses)
 

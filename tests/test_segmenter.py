@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from brainsam.backbones import DENSE_CHANNELS, PREVIOUS, Backbone
-from brainsam.dense import FAINTEST, Click, click_spots, reach
-from brainsam.engine import Engine
-from brainsam.fusion import AtlasFusion
-from brainsam.predictor import Segmentation
-from brainsam.propagation import dice
-from brainsam.segmenter import Answer
-from brainsam.volume import from_array
+from brainsam.atlases.fusion import AtlasFusion
+from brainsam.core.metrics import dice
+from brainsam.core.volume import from_array
+from brainsam.inference.dense import FAINTEST, Click, click_spots, reach
+from brainsam.inference.engine import Engine
+from brainsam.inference.segmenter import Answer
+from brainsam.inference.state import Segmentation
+from brainsam.modeling.backbones import DENSE_CHANNELS, PREVIOUS, Backbone
 
-from .conftest import make_phantom
+from .support import make_phantom
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,9 @@ def test_the_atlases_prompt_the_segmenter_where_they_hold_the_click(phantom_engi
     # measured 0.96 with the base model: the prior's logits carry the answer, SAM keeps to the blob
     assert dice(phantom_engine.stored_mask(prepared, answer) > 0, truth) > 0.85
     outside = [0, 0, 0]
-    assert isinstance(phantom_engine.segment(prepared, "Blob", foreground=[outside], atlases=atlases), Segmentation), "where no atlas has the structure the model answers alone"
+    assert isinstance(phantom_engine.segment(prepared, "Blob", foreground=[outside], atlases=atlases), Segmentation), (
+        "where no atlas has the structure the model answers alone"
+    )
 
 
 def test_a_correction_decodes_the_slices_it_reaches_and_no_others(phantom_engine: Engine, phantom, atlases) -> None:
@@ -108,7 +110,11 @@ def test_the_answer_keeps_to_the_roi(phantom_engine: Engine, phantom, atlases) -
 
 def test_the_atlas_vote_answers_alone_in_the_ablation(phantom_engine: Engine, phantom, atlases) -> None:
     image, truth = phantom
-    ablation = Engine(phantom_engine.config.replace(answer="atlases"), labels=phantom_engine.labels, cache=phantom_engine.predictor.cache)
+    ablation = Engine(
+        phantom_engine.config.replace(answer="atlases"),
+        labels=phantom_engine.labels,
+        cache=phantom_engine.predictor.cache,
+    )
     prepared = ablation.prepare(from_array(image, np.eye(4)))
     inside = np.argwhere(truth)[len(np.argwhere(truth)) // 2]
     state = ablation.segment(prepared, "Blob", foreground=[inside.tolist()], atlases=atlases)

@@ -3,7 +3,7 @@
 Starts `python -m monailabel.main start_server --app apps/brainsam` on 127.0.0.1 over a temporary
 studies folder holding one FreeSurfer subject (1 mm, LIA) and one IXI subject (2 mm, PSR), and
 sends requests with monailabel's own client; one more test starts it, as scripts/demo.sh does,
-over the built-in sample (the MNI152 template with AAL by MNI coordinates, from brainsam.sample). Runtime is
+over the built-in sample (the MNI152 template with AAL by MNI coordinates, from brainsam.io.sample). Runtime is
 dominated by the first prompt on each image, which encodes its slices; every later request
 reuses them, so the tests stick to small structures and each image is prompted cold once.
 
@@ -14,17 +14,8 @@ subjects (numbers in the comments): they catch a mask on the wrong grid, side or
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -32,64 +23,31 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
-from monailabel.client.client import MONAILabelClientException, MONAILabelUtils
-from scipy import ndimage
 
-from brainsam.adapters import build_manifest, save_adapter
-from brainsam.backbones import Backbone, load_backbone
-from brainsam.labels import load_label_set, load_mapping
-from brainsam.lora import LoraSettings, add_lora
-from brainsam.remote import read_mask
-from brainsam.sample import INSTALL_HINT, MRICRON, template_path, write_sample
+from brainsam.core.labels import load_label_set
+from brainsam.core.metrics import dice
+from brainsam.io.sample import INSTALL_HINT, MRICRON, template_path, write_sample
+from brainsam.modeling.backbones import load_backbone
+from brainsam.modeling.lora import LoraSettings, add_lora
 
-from .conftest import NARROW_PHANTOM, make_phantom, require_data
+from .support import (
+    MODEL,
+    NARROW_PHANTOM,
+    STARTUP_S,
+    Server,
+    Subject,
+    correction,
+    deepest,
+    infer,
+    load_subject,
+    make_phantom,
+    publish,
+    roi_of,
+    running_server,
+    wait_for_scoring,
+)
 
 pytestmark = pytest.mark.server
-
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = "brainsam"
-STARTUP_S = 180
-
-
-@dataclass
-class Subject:
-    """One image in the studies folder and its silver-standard labels.
-
-    image_id: datastore id. shape, affine: the image's stored grid. labels: label volume on
-    that grid. ids: structure name -> id in `labels`.
-    """
-
-    image_id: str
-    shape: tuple[int, int, int]
-    affine: np.ndarray
-    labels: np.ndarray
-    ids: dict[str, int]
-
-    def truth(self, name: str) -> np.ndarray:
-        return self.labels == self.ids[name]
-
-
-@dataclass
-class Server:
-    """A running server: its address, the adapter folder it watches, its log file and process id."""
-
-    url: str
-    adapters: Path
-    log: Path
-    pid: int
-
-    def client(self, client_id: str, tmp_path: Path) -> MONAILabelClient:
-        return MONAILabelClient(self.url, tmpdir=str(tmp_path), client_id=client_id)
-
-
-def load_subject(studies: Path, dataset: str, subject: str, label_file: str, mapping: str) -> Subject:
-    """Copy `subject`'s T1 into the studies folder (id = subject name) and read its labels."""
-    source = require_data(dataset, subject)
-    shutil.copy(source / "T1.nii.gz", studies / f"{subject}.nii.gz")
-    image = nib.load(source / "T1.nii.gz")
-    labels = np.asarray(nib.load(source / label_file).dataobj)
-    ids = load_mapping(ROOT / "configs" / "mappings" / mapping)
-    return Subject(subject, tuple(image.shape), image.affine, labels, ids)
 
 
 @pytest.fixture(scope="module")
@@ -107,139 +65,11 @@ def ixi(studies: Path) -> Subject:
     return load_subject(studies, "ixi-muse", "IXI012-HH-1211", "muse.nii.gz", "muse.yaml")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def running_server(studies: Path, work: Path, precompute: bool = False, conf: dict[str, str] | None = None) -> Iterator[Server]:
-    """The real server over `studies`, started as scripts/demo.sh starts it, watching an empty
-    adapter folder under `work` (as the demo's default folder is on a fresh checkout) and
-    keeping embeddings and registrations under `work` (first answers come from the model until
-    scoring registers atlases there); stopped with its whole process group afterwards.
-
-    precompute: run MONAI Label's scoring at start-up, which precomputes embeddings.
-    conf: more --conf settings.
-    """
-    adapters, log = work / "adapters", work / "server.log"
-    adapters.mkdir(parents=True)
-    port = free_port()
-    command = [
-        sys.executable, "-m", "monailabel.main", "start_server",
-        "--app", str(ROOT / "apps" / "brainsam"), "--studies", str(studies),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--conf", "adapter", str(adapters), "--conf", "embedding_dir", str(work / "embeddings"),
-        "--conf", "atlas_cache", str(work / "atlas_cache"),
-    ]  # fmt: skip
-    for key, value in (conf or {}).items():
-        command += ["--conf", key, value]
-    # no MLflow (it refuses the file store); a scoring subprocess at start-up only if asked
-    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": str(precompute).lower()}
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_info(url, process, log)
-        yield Server(url, adapters, log, process.pid)
-    finally:
-        stop(process)
-
-
 @pytest.fixture(scope="module")
 def server(studies: Path, fs: Subject, ixi: Subject, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The real server over `studies`, both subjects copied in first."""
     with running_server(studies, tmp_path_factory.mktemp("server")) as running:
         yield running
-
-
-def wait_for_info(url: str, process: subprocess.Popen, log: Path) -> None:
-    """Return once /info answers; fail with the log's tail if the server dies or takes too long."""
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            MONAILabelClient(url).info()
-            return
-        except (OSError, MONAILabelClientException):
-            time.sleep(0.5)
-    pytest.fail(f"server did not answer /info within {STARTUP_S} s:\n{log.read_text()[-3000:]}")
-
-
-def wait_for_scoring(url: str, timeout_s: float) -> dict:
-    """The scoring task (precomputation) started with the server, once it has finished; raise
-    TimeoutError if it has not within `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status, response, _, _ = MONAILabelUtils.http_method("GET", url, "/scoring/")
-        task = json.loads(response) if status == 200 else {}
-        if task.get("status") in ("DONE", "ERROR", "STOPPED"):
-            return task
-        time.sleep(1)
-    raise TimeoutError(f"scoring did not finish within {timeout_s} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop the server's process group (it was started in its own session): TERM, then KILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=15)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def infer(client: MONAILabelClient, subject: Subject, params: dict) -> tuple[np.ndarray, dict]:
-    """One request as Slicer sends it -> (boolean mask, result params). Every mask must be a
-    single-label mask on the image's own grid and affine."""
-    path, result = client.infer(MODEL, subject.image_id, params)
-    mask, affine = read_mask(path)
-    assert mask.shape == subject.shape
-    np.testing.assert_allclose(affine, subject.affine, atol=1e-4)
-    assert set(np.unique(mask).tolist()) <= {0, 1}
-    return mask.astype(bool), result
-
-
-def dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    return 2.0 * np.logical_and(mask, truth).sum() / (mask.sum() + truth.sum())
-
-
-def deepest(region: np.ndarray) -> list[int]:
-    """The voxel of `region` farthest from its border, where an annotator would click."""
-    low = np.argwhere(region).min(axis=0)
-    high = np.argwhere(region).max(axis=0) + 1
-    crop = np.pad(region[tuple(slice(a, b) for a, b in zip(low, high))], 1)  # zero border: distances stay inside
-    distance = ndimage.distance_transform_edt(crop)
-    return (np.array(np.unravel_index(distance.argmax(), crop.shape)) - 1 + low).tolist()
-
-
-def correction(mask: np.ndarray, truth: np.ndarray) -> tuple[str, list[int]]:
-    """The next click of a simulated annotator: inside the larger error, foreground where the
-    structure was missed, background where too much was taken."""
-    missed, extra = truth & ~mask, mask & ~truth
-    return ("foreground", deepest(missed)) if missed.sum() >= extra.sum() else ("background", deepest(extra))
-
-
-def roi_of(truth: np.ndarray, margin: tuple[int, int, int] = (0, 0, 0)) -> list[int]:
-    """A Slicer roi [i_min, i_max, j_min, j_max, k_min, k_max] round `truth`, grown by `margin`."""
-    low = np.argwhere(truth).min(axis=0) - margin
-    high = np.argwhere(truth).max(axis=0) + margin
-    return [int(v) for pair in zip(low, high) for v in pair]
-
-
-def refused(status: int, client: MONAILabelClient, subject: Subject, params: dict) -> str:
-    """Send a request that must be refused with HTTP `status`; return the server's message."""
-    with pytest.raises(MONAILabelClientException) as caught:
-        client.infer(MODEL, subject.image_id, params)
-    match = re.match(r"Status: (\d+); Response: (.*)", caught.value.msg, re.S)
-    assert match and int(match.group(1)) == status, caught.value.msg
-    return json.loads(match.group(2))["detail"]
 
 
 def check_info(url: str) -> None:
@@ -253,8 +83,9 @@ def check_info(url: str) -> None:
     assert info["labels"] == labels.names
 
 
-
-def correct_twice(client: MONAILabelClient, subject: Subject, prompts: dict, mask: np.ndarray, truth: np.ndarray, threshold: float) -> np.ndarray:
+def correct_twice(
+    client: MONAILabelClient, subject: Subject, prompts: dict, mask: np.ndarray, truth: np.ndarray, threshold: float
+) -> np.ndarray:
     """Two robot corrections as Slicer sends them (every click so far, the newest appended);
     each must refine, honour a background click and keep Dice above `threshold`."""
     for _ in range(2):
@@ -288,7 +119,9 @@ def test_clicks_segment_then_corrective_clicks_refine(server: Server, ixi: Subje
     mask, result = infer(client, ixi, fewer)
     assert result["interaction"] == "segment"
     assert dice(mask, truth) > 0.14  # measured 0.34
-    fresh, result = infer(client, ixi, {"label": "Left-Pallidum", "foreground": prompts["foreground"][:1], "reset_state": True})
+    fresh, result = infer(
+        client, ixi, {"label": "Left-Pallidum", "foreground": prompts["foreground"][:1], "reset_state": True}
+    )
     assert result["interaction"] == "segment" and np.array_equal(fresh, first)
 
 
@@ -309,7 +142,13 @@ def test_roi_then_roi_with_clicks(server: Server, fs: Subject, tmp_path: Path) -
     results as 3D Slicer asks for them, on the LIA grid of a FreeSurfer volume."""
     client = server.client("annotator-b", tmp_path)
     truth = fs.truth("Left-Accumbens-area")
-    prompts = {"label": "Left-Accumbens-area", "roi": roi_of(truth), "foreground": [], "background": [], "result_extension": ".nrrd"}
+    prompts = {
+        "label": "Left-Accumbens-area",
+        "roi": roi_of(truth),
+        "foreground": [],
+        "background": [],
+        "result_extension": ".nrrd",
+    }
     mask, result = infer(client, fs, prompts)
     assert result["interaction"] == "segment"
     assert dice(mask, truth) > 0.28  # measured 0.56 (457 voxels at 1 mm)
@@ -340,16 +179,9 @@ def test_two_annotators_interleaved_keep_their_own_state(server: Server, ixi: Su
     assert result["interaction"] == "unchanged" and np.array_equal(again, refined)
 
 
-def publish(model: Backbone, settings: LoraSettings, path: Path, mtime_s: float, backbone: str | None = None) -> None:
-    """Write `model`'s LoRA adapter to `path` with modification time `mtime_s`; `backbone`
-    overrides the one its manifest claims."""
-    manifest = build_manifest(model, settings, labels=load_label_set().names)
-    manifest["backbone"] = backbone or manifest["backbone"]
-    save_adapter(model, manifest, path)
-    os.utime(path, (mtime_s, mtime_s))
-
-
-def test_newest_adapter_serves_without_restart_and_bad_ones_are_refused(server: Server, ixi: Subject, tmp_path: Path) -> None:
+def test_newest_adapter_serves_without_restart_and_bad_ones_are_refused(
+    server: Server, ixi: Subject, tmp_path: Path
+) -> None:
     """Publishing into the watched folder switches the model at the next request; a corrupt or
     incompatible newer file is refused and the last good adapter keeps serving. Each check
     repeats a request, which answers from the stored state without encoding anything."""
@@ -383,12 +215,19 @@ def test_start_up_precomputes_embeddings_for_the_first_click(tmp_path: Path) -> 
     nib.save(nib.Nifti1Image(image, np.eye(4)), studies / "phantom.nii.gz")
     (studies / "broken.nii.gz").write_bytes(b"not an image")
     phantom = Subject("phantom", image.shape, np.eye(4), truth.astype(np.uint8), {"Left-Putamen": 1})
-    with running_server(studies, tmp_path / "server", precompute=True, conf={"precompute_mm": "1", "uncertainty_budget_s": "0", "guide_atlases": "false"}) as server:
+    with running_server(
+        studies,
+        tmp_path / "server",
+        precompute=True,
+        conf={"precompute_mm": "1", "uncertainty_budget_s": "0", "guide_atlases": "false"},
+    ) as server:
         assert wait_for_scoring(server.url, STARTUP_S)["status"] == "DONE"
         log = server.log.read_text()
         assert "precompute: skipped broken" in log and "precompute: phantom: 3 slices encoded" in log
         # a box on the precomputed slices 23..25 keeps the walk there
-        mask, result = infer(server.client("annotator-g", tmp_path), phantom, {"label": "Left-Putamen", "roi": [23, 25, 14, 38, 12, 28]})
+        mask, result = infer(
+            server.client("annotator-g", tmp_path), phantom, {"label": "Left-Putamen", "roi": [23, 25, 14, 38, 12, 28]}
+        )
     assert result["interaction"] == "segment" and result["encoded_slices"] == 0
     assert dice(mask, truth) > 0.3
 
@@ -415,4 +254,6 @@ def test_demo_serves_the_builtin_sample(tmp_path: Path) -> None:
         check_info(server.url)
         mask, result = infer(server.client("demo", tmp_path), sample, {"label": "Left-Pallidum", "roi": roi_of(truth)})
     assert result["interaction"] == "segment"
-    assert dice(mask, truth) > 0.21  # measured 0.42 against AAL on Colin27, the earlier sample; AAL is coarse (2285 voxels at 1 mm)
+    assert (
+        dice(mask, truth) > 0.21
+    )  # measured 0.42 against AAL on Colin27, the earlier sample; AAL is coarse (2285 voxels at 1 mm)

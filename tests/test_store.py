@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from brainsam.config import load_config
-from brainsam.engine import Engine
-from brainsam.predictor import PreparedImage, Predictor
-from brainsam.store import EmbeddingStore, StoreFullError
-from brainsam.volume import from_array
+from brainsam.core.config import load_config
+from brainsam.core.volume import from_array
+from brainsam.inference.engine import Engine
+from brainsam.inference.predictor import Predictor
+from brainsam.inference.state import PreparedImage
+from brainsam.inference.store import EmbeddingStore, StoreFullError
 
-from .conftest import NARROW_PHANTOM, PHANTOM_LABELS, make_phantom
+from .support import NARROW_PHANTOM, PHANTOM_LABELS, make_phantom
 
 SLICES = [23, 25]
 
@@ -47,7 +48,9 @@ def filled(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     return folder, encoded
 
 
-def test_a_fresh_predictor_reads_stored_slices_instead_of_encoding(engine: Engine, filled: tuple[Path, list[torch.Tensor]]) -> None:
+def test_a_fresh_predictor_reads_stored_slices_instead_of_encoding(
+    engine: Engine, filled: tuple[Path, list[torch.Tensor]]
+) -> None:
     folder, encoded = filled
     predictor = stored_predictor(engine, folder)
     image = phantom_image(predictor)
@@ -58,7 +61,9 @@ def test_a_fresh_predictor_reads_stored_slices_instead_of_encoding(engine: Engin
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-3)  # float16 on disk
 
 
-def test_damaged_files_are_encoded_again(engine: Engine, filled: tuple[Path, list[torch.Tensor]], tmp_path: Path) -> None:
+def test_damaged_files_are_encoded_again(
+    engine: Engine, filled: tuple[Path, list[torch.Tensor]], tmp_path: Path
+) -> None:
     shutil.copytree(filled[0], tmp_path / "store")
     predictor = stored_predictor(engine, tmp_path / "store")
     image = phantom_image(predictor)
@@ -72,7 +77,9 @@ def test_damaged_files_are_encoded_again(engine: Engine, filled: tuple[Path, lis
     assert all(predictor.store.get(key) is not None for key in keys)  # written again, whole
 
 
-def test_another_encoder_identity_does_not_reuse_stored_slices(engine: Engine, filled: tuple[Path, list[torch.Tensor]]) -> None:
+def test_another_encoder_identity_does_not_reuse_stored_slices(
+    engine: Engine, filled: tuple[Path, list[torch.Tensor]]
+) -> None:
     folder, _ = filled
     predictor = stored_predictor(engine, folder, identity="litemedsam+other-adapter.safetensors@2025-01-01")
     image = phantom_image(predictor)

@@ -4,21 +4,29 @@ DELETE /train/ leaving the published adapter serving."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
-from monailabel.client import MONAILabelClient
 
-from .conftest import require_data
-from .test_server import MODEL, Server, Subject, infer, load_subject, roi_of, running_server
+from .support import (
+    MODEL,
+    Server,
+    Subject,
+    infer,
+    load_subject,
+    require_data,
+    roi_of,
+    running_server,
+    train_stats,
+    training_ended,
+    wait_until,
+)
 
 pytestmark = pytest.mark.server
 
 SUBJECTS = ("sub-02", "sub-03")
 TINY_RUN = {"iterations": 3, "validate_every": 3, "warmup_iterations": 1, "learning_rate": 1e-3}
-WAIT_S = 900
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +46,9 @@ def server(studies: Path, subjects: list[Subject], tmp_path_factory: pytest.Temp
         yield running
 
 
-def train_stats(server: Server) -> dict:
-    return MONAILabelClient(server.url).info()["train_stats"][MODEL]
-
-
-def wait_until(condition: Callable[[], bool], what: str, server: Server) -> None:
-    """Poll `condition` every 2 s; fail with the server log's tail after WAIT_S."""
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(2)
-    pytest.fail(f"{what} did not happen within {WAIT_S} s:\n{server.log.read_text()[-3000:]}")
-
-
-def training_ended(client: MONAILabelClient) -> bool:
-    return client.train_status().get("status") not in ("SUBMITTED", "RUNNING")
-
-
-def test_training_publishes_an_adapter_the_next_click_uses(server: Server, subjects: list[Subject], tmp_path: Path) -> None:
+def test_training_publishes_an_adapter_the_next_click_uses(
+    server: Server, subjects: list[Subject], tmp_path: Path
+) -> None:
     client = server.client("trainer", tmp_path)
     for subject in subjects:
         client.save_label(subject.image_id, str(require_data("fs-aseg", subject.image_id, "aseg.nii.gz")), tag="final")
@@ -81,12 +73,18 @@ def test_training_publishes_an_adapter_the_next_click_uses(server: Server, subje
     assert (after != before).any()
 
 
-def test_a_stopped_run_leaves_the_published_adapter_serving(server: Server, subjects: list[Subject], tmp_path: Path) -> None:
+def test_a_stopped_run_leaves_the_published_adapter_serving(
+    server: Server, subjects: list[Subject], tmp_path: Path
+) -> None:
     client = server.client("stopper", tmp_path)
     published = {p.name: p.stat().st_mtime_ns for p in server.adapters.glob("*.safetensors")}
     assert published, "runs after the training test, which publishes an adapter"
     client.train_start(MODEL, {**TINY_RUN, "iterations": 100000, "validate_every": 100000, "publish_if_better": False})
-    wait_until(lambda: train_stats(server).get("iteration", 0) >= 1 and train_stats(server)["state"] == "running", "a training step", server)
+    wait_until(
+        lambda: train_stats(server).get("iteration", 0) >= 1 and train_stats(server)["state"] == "running",
+        "a training step",
+        server,
+    )
     client.train_stop()
     assert training_ended(client)
     wait_until(lambda: train_stats(server)["state"] == "stopped", "the killed run showing as stopped", server)

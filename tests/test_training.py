@@ -17,21 +17,23 @@ import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT
 
-from brainsam.activations import SplitEncoder, first_trained_stage
-from brainsam.adapters import read_manifest
-from brainsam.backbones import BACKBONES, load_backbone
-from brainsam.config import load_config
-from brainsam.engine import Engine
-from brainsam.labels import load_label_set, load_mapping
-from brainsam.lora import LoraSettings, add_lora
-from brainsam.cases import SubjectSlices, TrainingCase
-from brainsam.simulation import corrective_click, first_click, shifted
-from brainsam.train import LearningRate, load_train_settings, split_subjects, subjects_in, train_and_publish
-from brainsam.trainset import read_labels
-from brainsam.view import Window
-from brainsam.volume import VolumeError
+from brainsam.core.config import load_config
+from brainsam.core.labels import load_label_set, load_mapping
+from brainsam.core.view import Window
+from brainsam.core.volume import VolumeError
+from brainsam.inference.engine import Engine
+from brainsam.io.subjects import read_labels, subjects_in
+from brainsam.modeling.activations import SplitEncoder, first_trained_stage
+from brainsam.modeling.adapters import read_manifest
+from brainsam.modeling.backbones import BACKBONES, load_backbone
+from brainsam.modeling.lora import LoraSettings, add_lora
+from brainsam.training.cases import SubjectSlices, TrainingCase
+from brainsam.training.schedule import LearningRate
+from brainsam.training.settings import load_train_settings
+from brainsam.training.simulation import corrective_click, first_click, shifted
+from brainsam.training.trainer import split_subjects, train_and_publish
 
-from .conftest import require_data
+from .support import require_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = dict(iterations=2, validate_every=2, warmup_iterations=1)
@@ -49,7 +51,16 @@ def test_encoder_stages_compose_to_the_encoder() -> None:
 
 
 def test_vit_stages_compose_to_the_encoder() -> None:
-    encoder = ImageEncoderViT(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, out_chans=8, window_size=2, global_attn_indexes=(1,))
+    encoder = ImageEncoderViT(
+        img_size=64,
+        patch_size=16,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        out_chans=8,
+        window_size=2,
+        global_attn_indexes=(1,),
+    )
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         y = x
@@ -76,7 +87,9 @@ def test_the_simulated_annotator_clicks_inside_then_on_the_largest_error() -> No
     subject = SubjectSlices("phantom", Window(0, 0, 64, 64), (1.0, 1.0, 1.0), 10, torch.zeros(5, 1))
     case = TrainingCase(subject, 1, list(range(10, 15)), (2, 6, 3, 7), torch.from_numpy(truth).float(), truth)
     first = first_click(case)
-    assert first.foreground and (first.slice, first.row, first.col) == (12, 5 + 8, 5 + 12), "the most interior voxel, on the whole grid"
+    assert first.foreground and (first.slice, first.row, first.col) == (12, 5 + 8, 5 + 12), (
+        "the most interior voxel, on the whole grid"
+    )
     spill = torch.full(truth.shape, -1.0)
     spill[truth] = 1.0
     spill[2, 13:16, 13:16] = 1.0
@@ -122,14 +135,29 @@ def test_a_short_run_publishes_an_adapter_only_when_it_helps(tmp_path: Path) -> 
     cache = tmp_path / "atlas_cache"  # registrations and frozen activations, shared by both runs
 
     # learning rate 0: nothing can beat the start, so nothing is published
-    frozen = train_and_publish(subjects, load_train_settings(**TINY_RUN, learning_rate=0.0), labels, tmp_path / "frozen", cache=cache)
+    frozen = train_and_publish(
+        subjects, load_train_settings(**TINY_RUN, learning_rate=0.0), labels, tmp_path / "frozen", cache=cache
+    )
     assert frozen.published is None and not list((tmp_path / "frozen").glob("*.safetensors"))
     stats = json.loads((tmp_path / "frozen" / "train_stats.json").read_text())
-    assert stats["state"] == "done" and stats["iteration"] == 2 and stats["held_out_subjects"] == [IXI[-1]] and stats["steps_per_s"] > 0
-    assert 0.3 < stats["baseline"]["click_1"] <= 1.0, "the base model prompted by two registered subjects finds the structures"
+    assert (
+        stats["state"] == "done"
+        and stats["iteration"] == 2
+        and stats["held_out_subjects"] == [IXI[-1]]
+        and stats["steps_per_s"] > 0
+    )
+    assert 0.3 < stats["baseline"]["click_1"] <= 1.0, (
+        "the base model prompted by two registered subjects finds the structures"
+    )
     assert list((tmp_path / "train_activations").glob("*.pt")), "frozen activations are kept for the next run"
 
-    result = train_and_publish(subjects, load_train_settings(**TINY_RUN, learning_rate=1e-3, publish_if_better=False), labels, tmp_path / "adapters", cache=cache)
+    result = train_and_publish(
+        subjects,
+        load_train_settings(**TINY_RUN, learning_rate=1e-3, publish_if_better=False),
+        labels,
+        tmp_path / "adapters",
+        cache=cache,
+    )
     assert result.published is not None and result.published.is_file()
     manifest = read_manifest(result.published)
     assert manifest["training"]["subjects"] == list(IXI[:2]) and manifest["validation"]["best"]["score"] > 0

@@ -10,6 +10,14 @@ import threading
 from importlib.metadata import version
 from typing import Any, Dict, Optional
 
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+
 from lib.configs import BrainSam
 from lib.datastore import StudiesDatastore, datastore_image
 from lib.dicomweb import DicomWebStudies
@@ -18,14 +26,6 @@ from lib.infers.atlases import AtlasVotes
 from lib.infers.clicked import ClickedStructure
 from lib.infers.results import uncompress_nrrd
 from lib.ohif import serve_fixed_ohif
-
-from monailabel.config import settings
-from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.tasks.infer_v2 import InferTask
-from monailabel.interfaces.tasks.scoring import ScoringMethod
-from monailabel.interfaces.tasks.strategy import Strategy
-from monailabel.interfaces.tasks.train import TrainTask
 
 
 class BrainSamApp(MONAILabelApp):
@@ -61,7 +61,9 @@ class BrainSamApp(MONAILabelApp):
     def on_init_complete(self) -> None:
         """Server only: 4xx for bad requests, OHIF's fixed scripts, and the network and atlases
         loaded before the first click."""
-        from monailabel.app import app  # the server's FastAPI app; only the server calls this
+        from monailabel.app import (
+            app,  # the server's FastAPI app; only the server calls this
+        )
 
         install_error_handlers(app)
         serve_fixed_ohif(app)

@@ -1,7 +1,7 @@
 """Command line: segment one structure of one MRI from clicks and/or a box, timing each stage.
 
-    python -m brainsam.segment IMAGE --label Left-Thalamus --click 120,130,128 -o mask.nii.gz
-    python -m brainsam.segment IMAGE --label Brain-Stem --box 110,145,90,160,100,140 -o mask.nii.gz
+python -m brainsam.segment IMAGE --label Left-Thalamus --click 120,130,128 -o mask.nii.gz
+python -m brainsam.segment IMAGE --label Brain-Stem --box 110,145,90,160,100,140 -o mask.nii.gz
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import argparse
 import sys
 import time
 
-from .config import load_config
-from .engine import Engine
-from .prompts import PromptError
-from .volume import VolumeError, load_volume, save_mask
+from brainsam.core.config import load_config
+from brainsam.core.prompts import PromptError
+from brainsam.core.volume import VolumeError, load_volume, save_mask
+from brainsam.inference.engine import Engine
 
 
 def _triple(text: str) -> list[int]:
@@ -31,11 +31,21 @@ def _box(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m brainsam.segment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m brainsam.segment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("image", help="NIfTI image (any orientation)")
     parser.add_argument("--label", required=True, help="structure name from the label set, e.g. Left-Thalamus")
-    parser.add_argument("--click", type=_triple, action="append", default=[], help="foreground click i,j,k (stored voxel indices); repeatable")
-    parser.add_argument("--background", type=_triple, action="append", default=[], help="background click i,j,k; repeatable")
+    parser.add_argument(
+        "--click",
+        type=_triple,
+        action="append",
+        default=[],
+        help="foreground click i,j,k (stored voxel indices); repeatable",
+    )
+    parser.add_argument(
+        "--background", type=_triple, action="append", default=[], help="background click i,j,k; repeatable"
+    )
     parser.add_argument("--box", type=_box, help="3D box i_min,i_max,j_min,j_max,k_min,k_max (3D Slicer ROI order)")
     parser.add_argument("-o", "--output", default="mask.nii.gz", help="where to write the mask (default mask.nii.gz)")
     parser.add_argument("--config", default="litemedsam", help="engine config name in configs/backbones or a YAML path")
@@ -70,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load    {load_s:7.2f} s  ({volume.stored_shape}, axis {image.view.axis})")
     print(f"encode  {timings['encode']:7.2f} s  ({counts['encode']} slices)")
     print(f"decode  {timings['decode']:7.2f} s  ({counts['decode']} prompts)")
-    print(f"propagate total {segment_s:7.2f} s  ({len(state.slices)} slices, {int(mask.sum())} voxels) -> {args.output}")
+    print(
+        f"propagate total {segment_s:7.2f} s  ({len(state.slices)} slices, {int(mask.sum())} voxels) -> {args.output}"
+    )
     return 0
 
 

@@ -3,7 +3,7 @@
 import logging
 import sys
 
-from brainsam.priority import run_in_background
+from brainsam.core.priority import run_in_background
 
 logger = logging.getLogger(__name__)
 
@@ -11,7 +11,7 @@ TASK_MODULE = "monailabel.interfaces.utils.app"  # what MONAI Label runs scoring
 
 
 def lower_priority(task: str) -> None:
-    """In MONAI Label's task subprocess, run `task` in the background (brainsam.priority: a
+    """In MONAI Label's task subprocess, run `task` in the background (brainsam.core.priority: a
     click preempts it at once; idle cores it keeps using, with all its threads). Run
     synchronously inside the server (`run_sync`), the server keeps its priority."""
     main = getattr(sys.modules["__main__"], "__spec__", None)

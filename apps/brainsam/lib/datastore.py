@@ -11,7 +11,6 @@ import os
 from typing import Any, Dict, Optional
 
 from fastapi import HTTPException
-
 from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore

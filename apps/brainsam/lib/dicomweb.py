@@ -29,19 +29,18 @@ import pydicom
 import SimpleITK as sitk
 from fastapi import HTTPException
 from filelock import FileLock
-from pydicom.dataset import Dataset
-
-from brainsam.io.dicom import SeriesError, series_to_nifti
-from brainsam.io.seg import labels_to_seg, seg_to_labels
-from brainsam.labels import LabelSet
-from lib.trainers.brainsam import segment_ids
-
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
+from pydicom.dataset import Dataset
+
+from brainsam.core.labels import LabelSet
+from brainsam.io.dicom import SeriesError, series_to_nifti
+from brainsam.io.seg import labels_to_seg, seg_to_labels
+from lib.trainers.brainsam import segment_ids
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,9 @@ SERIES_DATE, SERIES_TIME = "00080021", "00080031"
 def series_uid(value: Any) -> str:
     """`value` if it is a DICOM UID (digits and dots, at most 64 characters); 400 otherwise."""
     if not isinstance(value, str) or len(value) > 64 or not UID.fullmatch(value):
-        raise HTTPException(400, f"image must be a SeriesInstanceUID (digits and dots) on this DICOMweb datastore, got {value!r}")
+        raise HTTPException(
+            400, f"image must be a SeriesInstanceUID (digits and dots) on this DICOMweb datastore, got {value!r}"
+        )
     return value
 
 
@@ -85,10 +86,14 @@ class DicomWebStudies(DICOMWebDatastore):
 
     def list_images(self) -> List[str]:
         """The series matching the search filter, as the archive holds them now."""
-        return [attribute(entry, SERIES_UID) for entry in self._client.search_for_series(search_filters=self._search_filter)]
+        return [
+            attribute(entry, SERIES_UID) for entry in self._client.search_for_series(search_filters=self._search_filter)
+        ]
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
-        raise HTTPException(405, "this datastore is a DICOMweb archive: store images there (STOW-RS), e.g. with brainsam-nifti2dicom")
+        raise HTTPException(
+            405, "this datastore is a DICOMweb archive: store images there (STOW-RS), e.g. with brainsam-nifti2dicom"
+        )
 
     def get_image_uri(self, image_id: str) -> str:
         """The cached NIfTI of series `image_id`, downloaded and converted at first use (by one
@@ -100,7 +105,9 @@ class DicomWebStudies(DICOMWebDatastore):
         entry = self._series(image_id)
         modality = attribute(entry, MODALITY)
         if modality != "MR":
-            raise HTTPException(422, f"series {image_id} is not a 3D MR volume: its modality is {modality or 'missing'}")
+            raise HTTPException(
+                422, f"series {image_id} is not a 3D MR volume: its modality is {modality or 'missing'}"
+            )
         with FileLock(os.path.join(self._datastore.image_path(), f".{image_id}.lock")):
             self._init_from_datastore_file()  # another process may have converted it meanwhile
             cached = self._cached(image_id)
@@ -149,7 +156,9 @@ class DicomWebStudies(DICOMWebDatastore):
         """Images whose final label (a SEG in the archive) is cached, after bringing the cache up to date."""
         self.sync_labels()
         images = set(self.list_images())
-        return [image_id for image_id in LocalDatastore.get_labeled_images(self, label_tag, labels) if image_id in images]
+        return [
+            image_id for image_id in LocalDatastore.get_labeled_images(self, label_tag, labels) if image_id in images
+        ]
 
     def get_unlabeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:
         labelled = set(self.get_labeled_images())
@@ -171,14 +180,19 @@ class DicomWebStudies(DICOMWebDatastore):
         series date and time) read into label set ids; labels whose SEG left the archive go."""
         with self._sync:
             newest: Dict[str, Tuple[str, str, str, str]] = {}
-            segs = self._client.search_for_series(search_filters={"Modality": "SEG"}, fields=["SeriesDate", "SeriesTime"])
+            segs = self._client.search_for_series(
+                search_filters={"Modality": "SEG"}, fields=["SeriesDate", "SeriesTime"]
+            )
             for entry in segs:
                 seg, study = attribute(entry, SERIES_UID), attribute(entry, STUDY_UID)
                 if seg not in self._refers:
                     self._refers[seg] = self._referenced_series(study, seg)
                 image_id = self._refers[seg]
                 if image_id:
-                    newest[image_id] = max(newest.get(image_id, ("",) * 4), (attribute(entry, SERIES_DATE), attribute(entry, SERIES_TIME), seg, study))
+                    newest[image_id] = max(
+                        newest.get(image_id, ("",) * 4),
+                        (attribute(entry, SERIES_DATE), attribute(entry, SERIES_TIME), seg, study),
+                    )
             for image_id in LocalDatastore.get_labeled_images(self):
                 if image_id not in newest:
                     logger.info("label of %s: its SEG is no longer in the archive; label removed", image_id)
@@ -221,7 +235,9 @@ class DicomWebStudies(DICOMWebDatastore):
             detail = error.detail if isinstance(error, HTTPException) else error
             logger.warning("SEG %s (labels %s) left out: %s", seg, image_id, detail)
 
-    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any], label_id: str = "") -> str:
+    def save_label(
+        self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any], label_id: str = ""
+    ) -> str:
         """Save a label of series `image_id` (NIfTI/NRRD on its grid, or OHIF's raw .bin). It is
         kept in label set ids (Slicer's segments read through `label_info`); a final label is
         also stored in the archive as a DICOM SEG. 422 when it does not fit the image."""
@@ -241,7 +257,10 @@ class DicomWebStudies(DICOMWebDatastore):
     def _in_label_set_ids(self, label: sitk.Image, reference: sitk.Image, label_info: Any) -> sitk.Image:
         """The label on the reference grid with values in label set ids; 422 if its size differs."""
         if label.GetSize() != reference.GetSize():
-            raise HTTPException(422, f"the label's size {label.GetSize()} differs from the image's {reference.GetSize()}: save it on the image's grid")
+            raise HTTPException(
+                422,
+                f"the label's size {label.GetSize()} differs from the image's {reference.GetSize()}: save it on the image's grid",
+            )
         values = sitk.GetArrayFromImage(label)
         ids = segment_ids(label_info, {s.name: s.id for s in self.label_set.structures})
         mapped = values * 0

@@ -8,8 +8,10 @@ import json
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-
-from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
+from monailabel.interfaces.exception import (
+    ImageNotFoundException,
+    LabelNotFoundException,
+)
 
 
 async def bad_json(request: Request, error: json.JSONDecodeError) -> JSONResponse:

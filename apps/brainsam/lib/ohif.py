@@ -29,7 +29,10 @@ OHIF = Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif"
 PATCHES = (
     # the mode's right-hand panels: the segmentation panel without its tool box (the mode
     # defines no brush buttons for one, which breaks it)
-    ("rightPanels: [monailabel.monaiLabel]", "rightPanels: [monailabel.monaiLabel, '@ohif/extension-cornerstone.panelModule.panelSegmentation']"),
+    (
+        "rightPanels: [monailabel.monaiLabel]",
+        "rightPanels: [monailabel.monaiLabel, '@ohif/extension-cornerstone.panelModule.panelSegmentation']",
+    ),
     # the panel's Export DICOM SEG: the store command with the data source it needs
     (
         "commandsManager.run('storeSegmentation', {\n        segmentationId\n      });",
@@ -74,5 +77,8 @@ def serve_fixed_ohif(app: FastAPI) -> bool:
 
         app.add_api_route(f"/ohif/{name}", script, methods=["GET"], include_in_schema=False)
         app.router.routes.insert(0, app.router.routes.pop())  # routes match in order: before /ohif/{path}
-    logger.info("OHIF: MONAI Label mode served with the segmentation panel, its Export DICOM SEG and Next Sample's strategy (%s)", ", ".join(scripts))
+    logger.info(
+        "OHIF: MONAI Label mode served with the segmentation panel, its Export DICOM SEG and Next Sample's strategy (%s)",
+        ", ".join(scripts),
+    )
     return True

@@ -83,7 +83,9 @@ def lps_grid(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return direction, spacing, RAS_TO_LPS @ np.asarray(affine, dtype=float)[:3, 3]
 
 
-def right_handed(array: np.ndarray, direction: np.ndarray, origin: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def right_handed(
+    array: np.ndarray, direction: np.ndarray, origin: np.ndarray, spacing: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The same image with its third axis reversed when the voxel axes are left-handed, so that
     slices follow row x column as DICOM readers stack them: (array, direction, origin)."""
     if np.linalg.det(direction) > 0:
@@ -207,7 +209,9 @@ def check_volume(files: list[Path]) -> None:
         raise SeriesError("its slices differ in orientation")
     normal = np.cross(orientations[0][:3], orientations[0][3:])
     steps = np.diff(np.sort(positions @ normal))
-    if steps.min() <= GEOMETRY_TOLERANCE or np.abs(steps - steps.mean()).max() > GEOMETRY_TOLERANCE * max(steps.mean(), 1.0):
+    if steps.min() <= GEOMETRY_TOLERANCE or np.abs(steps - steps.mean()).max() > GEOMETRY_TOLERANCE * max(
+        steps.mean(), 1.0
+    ):
         raise SeriesError("its slices are not evenly spaced along the slice normal (repeated or missing slices)")
 
 

@@ -16,9 +16,13 @@ import pydicom
 import pydicom_seg
 import SimpleITK as sitk
 
-from brainsam.labels import LabelSet
+from brainsam.core.labels import LabelSet
 
-ANATOMICAL_STRUCTURE = {"CodeValue": "123037004", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Anatomical Structure"}
+ANATOMICAL_STRUCTURE = {
+    "CodeValue": "123037004",
+    "CodingSchemeDesignator": "SCT",
+    "CodeMeaning": "Anatomical Structure",
+}
 
 
 def seg_template(label_set: LabelSet, ids: list[int], algorithm: str) -> pydicom.Dataset:
@@ -32,7 +36,11 @@ def seg_template(label_set: LabelSet, ids: list[int], algorithm: str) -> pydicom
             "SegmentAlgorithmType": "SEMIAUTOMATIC",
             "SegmentAlgorithmName": algorithm,
             "SegmentedPropertyCategoryCodeSequence": ANATOMICAL_STRUCTURE,
-            "SegmentedPropertyTypeCodeSequence": {"CodeValue": str(structure.id), "CodingSchemeDesignator": "99BRAINSAM", "CodeMeaning": structure.name},
+            "SegmentedPropertyTypeCodeSequence": {
+                "CodeValue": str(structure.id),
+                "CodingSchemeDesignator": "99BRAINSAM",
+                "CodeMeaning": structure.name,
+            },
             "recommendedDisplayRGBValue": list(structure.color),
         }
         for structure in sorted(label_set.structures, key=lambda s: s.id)  # readers expect increasing numbers
@@ -53,7 +61,9 @@ def seg_template(label_set: LabelSet, ids: list[int], algorithm: str) -> pydicom
     )
 
 
-def labels_to_seg(labels: sitk.Image, label_set: LabelSet, series: list[Path], algorithm: str = "brainsam") -> pydicom.Dataset:
+def labels_to_seg(
+    labels: sitk.Image, label_set: LabelSet, series: list[Path], algorithm: str = "brainsam"
+) -> pydicom.Dataset:
     """A DICOM SEG of `labels` (label set ids, on the grid of the DICOM `series`) referring to
     that series. Raises ValueError when `labels` holds no structure of the label set."""
     values = np.unique(sitk.GetArrayViewFromImage(labels))
@@ -63,12 +73,19 @@ def labels_to_seg(labels: sitk.Image, label_set: LabelSet, series: list[Path], a
     known = np.isin(sitk.GetArrayViewFromImage(labels), ids)
     mask = sitk.GetImageFromArray(np.where(known, sitk.GetArrayViewFromImage(labels), 0).astype(np.uint16))
     mask.CopyInformation(labels)
-    writer = pydicom_seg.MultiClassWriter(seg_template(label_set, ids, algorithm), inplane_cropping=False, skip_empty_slices=True, skip_missing_segment=False)
+    writer = pydicom_seg.MultiClassWriter(
+        seg_template(label_set, ids, algorithm),
+        inplane_cropping=False,
+        skip_empty_slices=True,
+        skip_missing_segment=False,
+    )
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in series]
     return writer.write(mask, sources)
 
 
-def seg_to_labels(seg: pydicom.Dataset, reference: sitk.Image, label_set: LabelSet) -> tuple[sitk.Image, dict[str, int]]:
+def seg_to_labels(
+    seg: pydicom.Dataset, reference: sitk.Image, label_set: LabelSet
+) -> tuple[sitk.Image, dict[str, int]]:
     """The SEG's segments as one label map in label set ids on the grid of `reference` (the
     image the SEG refers to), and the structures found {name: id}. Segments whose label names
     no structure are left out; raises ValueError when none is left."""
@@ -83,7 +100,9 @@ def seg_to_labels(seg: pydicom.Dataset, reference: sitk.Image, label_set: LabelS
             found[structure.name] = structure.id
     if not found:
         named = ", ".join(str(s.get("SegmentLabel", "")) for s in result.segment_infos.values())
-        raise ValueError(f"no segment is named after a structure of label set {label_set.name} (segments: {named or 'none'})")
+        raise ValueError(
+            f"no segment is named after a structure of label set {label_set.name} (segments: {named or 'none'})"
+        )
     on_grid = sitk.Resample(result.image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
     labels = sitk.GetImageFromArray(lookup[sitk.GetArrayViewFromImage(on_grid)])
     labels.CopyInformation(reference)

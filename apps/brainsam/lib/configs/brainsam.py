@@ -4,8 +4,12 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from brainsam.config import load_config
-from brainsam.labels import CONFIGS, DEFAULT_LABEL_SET, load_label_set
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from brainsam.core.config import load_config
+from brainsam.core.labels import CONFIGS, DEFAULT_LABEL_SET, load_label_set
 from lib.activelearning import MostUncertain
 from lib.infers import BrainSamInfer
 from lib.infers.atlases import AtlasPool, AtlasVotes
@@ -13,10 +17,6 @@ from lib.infers.auto import BrainSamAuto
 from lib.scoring import PrecomputeEmbeddings
 from lib.scoring.uncertainty import UncertaintyScoring
 from lib.trainers import BrainSamTrain
-
-from monailabel.interfaces.config import TaskConfig
-from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.tasks.train import TrainTask
 
 ENGINE_OVERRIDES = ("device", "cache_mb", "checkpoint", "embedding_disk_mb", "precompute_mm", "answer", "runtime")
 """--conf keys passed through to the engine config as overrides."""
@@ -32,7 +32,7 @@ class BrainSam(TaskConfig):
     engine_config (alias backbone): engine config name in configs/backbones, or a YAML path;
         default litemedsam.
     device, cache_mb, checkpoint, embedding_disk_mb, precompute_mm, runtime: override that
-        engine config's fields (runtime: how the networks run, brainsam.runtime; default auto).
+        engine config's fields (runtime: how the networks run, brainsam.core.runtime; default auto).
     compile_cache: where compiled networks persist, shared by the server and its scoring and
         training processes; default <app>/model/compile_cache.
     embedding_dir: where slice embeddings persist and are precomputed into (a scoring method
@@ -47,7 +47,7 @@ class BrainSam(TaskConfig):
     guide_atlases: whether the atlases registered already (by uncertainty scoring or
         brainsam_auto) prompt the segmenter where they hold the first click; default true.
     answer: "segmenter" (default) or "atlases": with "atlases" their vote answers on its own
-        (brainsam.votes), the ablation of the segmenter.
+        (brainsam.inference.votes), the ablation of the segmenter.
     auto_atlases: most labelled images registered per image by the automatic model; default 5.
     atlas_cache: folder keeping each registration's labels; default <app>/model/atlas_cache.
     uncertainty_budget_s: seconds one uncertainty scoring run may start new images for; 300.
@@ -62,7 +62,9 @@ class BrainSam(TaskConfig):
         overrides = {key: conf[key] for key in ENGINE_OVERRIDES if key in conf}
         embedding_dir = conf.get("embedding_dir", os.path.join(model_dir, "embeddings"))
         compile_cache = conf.get("compile_cache", os.path.join(model_dir, "compile_cache"))
-        self.engine_config = load_config(config_name, **overrides, embedding_dir=embedding_dir, compile_cache=compile_cache)
+        self.engine_config = load_config(
+            config_name, **overrides, embedding_dir=embedding_dir, compile_cache=compile_cache
+        )
         if self.engine_config.embedding_dir is not None and "cache_mb" not in conf:
             self.engine_config = self.engine_config.replace(cache_mb=STORED_CACHE_MB)
         self.label_set = load_label_set(conf.get("labels", DEFAULT_LABEL_SET))
@@ -87,7 +89,14 @@ class BrainSam(TaskConfig):
 
     def auto_infer(self, datastore: Datastore) -> BrainSamAuto:
         """The automatic model: the segmenter prompted by the datastore's labelled images as atlases."""
-        return BrainSamAuto(self.engine_config.replace(interactive=True), self.label_set, self.path, datastore, self.atlas_pool, self.atlas_cache)
+        return BrainSamAuto(
+            self.engine_config.replace(interactive=True),
+            self.label_set,
+            self.path,
+            datastore,
+            self.atlas_pool,
+            self.atlas_cache,
+        )
 
     def uncertainty_scoring(self) -> UncertaintyScoring:
         """Uncertainty scoring; without atlas guidance, readying the image handed out next after each score."""
@@ -99,7 +108,14 @@ class BrainSam(TaskConfig):
         return MostUncertain(self.strategy_hold_s)
 
     def trainer(self) -> Optional[TrainTask]:
-        return BrainSamTrain(self.train_config, self.config_name, self.engine_overrides, self.label_set, self.adapter_folder, self.atlas_cache)
+        return BrainSamTrain(
+            self.train_config,
+            self.config_name,
+            self.engine_overrides,
+            self.label_set,
+            self.adapter_folder,
+            self.atlas_cache,
+        )
 
     def scoring_method(self) -> Optional[PrecomputeEmbeddings]:
         """Precomputation of the head window's slice embeddings, which clicks read when the atlases

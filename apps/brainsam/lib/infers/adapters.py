@@ -10,10 +10,10 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from brainsam.adapters import AdapterError, read_manifest
-from brainsam.config import EngineConfig
-from brainsam.engine import Engine
-from brainsam.labels import LabelSet
+from brainsam.core.config import EngineConfig
+from brainsam.core.labels import LabelSet
+from brainsam.inference.engine import Engine
+from brainsam.modeling.adapters import ADAPTER_PATTERN, AdapterError, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ class AdapterWatcher:
             if candidate == self._served or (candidate not in self._refused and self._load(candidate)):
                 break
         if self._engine is None:
-            logger.info("no usable adapter (adapter %s): serving the base %s model", self.source or "none", self.config.backbone)
+            logger.info(
+                "no usable adapter (adapter %s): serving the base %s model", self.source or "none", self.config.backbone
+            )
             self._engine = Engine(self.config, self.labels)
         return self._engine
 
@@ -51,7 +53,7 @@ class AdapterWatcher:
         """Adapter files in `source`, newest first."""
         if self.source is None:
             return []
-        paths = list(self.source.glob("*.safetensors")) if self.source.is_dir() else [self.source]
+        paths = list(self.source.glob(ADAPTER_PATTERN)) if self.source.is_dir() else [self.source]
         found = []
         for path in paths:
             try:

@@ -2,7 +2,7 @@
 
 Every image with a final label is an atlas (its labels read as the train task reads them:
 through Slicer's segment names, else the label set's ids). Without any, the built-in Colin27
-atlas (brainsam.prior) stands in. Atlases stay in memory while their files are unchanged.
+atlas (brainsam.atlases.prior) stands in. Atlases stay in memory while their files are unchanged.
 `AtlasVotes` hands the interactive model the registrations made already (by uncertainty
 scoring or the automatic model), never registering on a click.
 """
@@ -12,18 +12,20 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Hashable, List, Optional
 
-from brainsam.atlas import Atlas, RegistrationSettings, cached, load_atlas, trusted
-from brainsam.fusion import AtlasFusion, with_borders
-from brainsam.labels import LabelSet
-from brainsam.prior import builtin_atlas
-from brainsam.trainset import Subject
-from brainsam.volume import Volume
-from lib.infers.interaction import Lru
-from lib.trainers.brainsam import labelled_subjects
-
+from cachetools import LRUCache
 from monailabel.interfaces.datastore import Datastore
+
+from brainsam.atlases.atlas import Atlas, load_atlas
+from brainsam.atlases.fusion import AtlasFusion, with_borders
+from brainsam.atlases.prior import builtin_atlas
+from brainsam.atlases.registration import RegistrationSettings, cached
+from brainsam.atlases.trust import trusted
+from brainsam.core.labels import LabelSet
+from brainsam.core.volume import Volume
+from brainsam.io.subjects import Subject
+from lib.trainers.brainsam import labelled_subjects
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +47,14 @@ class AtlasPool:
     """Atlases for one label set drawn from a datastore.
 
     most: the largest number of atlases registered per image (each costs ~4-6 CPU s once the
-    image is placed on the reference brain, ~7 CPU s at 1 mm, once per image: brainsam.reference);
+    image is placed on the reference brain, ~7 CPU s at 1 mm, once per image: brainsam.atlases.reference);
     with more labelled images, the most recently labelled ones are used.
     """
 
     def __init__(self, labels: LabelSet, most: int):
         self.labels = labels
         self.most = most
-        self._loaded: Lru[Atlas] = Lru(most + 1)
+        self._loaded: LRUCache[Hashable, Atlas] = LRUCache(most + 1)
         self._lock = threading.Lock()  # the interactive and the automatic model share the pool
 
     def subjects(self, datastore: Datastore, exclude: Optional[str] = None) -> List[Subject]:
@@ -72,7 +74,10 @@ class AtlasPool:
         FileNotFoundError when the built-in atlas is needed but not installed."""
         if not subjects:
             return [self._get(BUILTIN, lambda: builtin_atlas(self.labels))]
-        return [self._get(self.signature([s]), lambda s=s: load_atlas(s.image, s.labels, s.ids, self.labels, name=s.name)) for s in subjects]
+        return [
+            self._get(self.signature([s]), lambda s=s: load_atlas(s.image, s.labels, s.ids, self.labels, name=s.name))
+            for s in subjects
+        ]
 
     def _get(self, key: str, load) -> Atlas:
         with self._lock:
@@ -80,7 +85,7 @@ class AtlasPool:
         if atlas is None:
             atlas = load().prepared()
             with self._lock:
-                self._loaded.put(key, atlas)
+                self._loaded[key] = atlas
             logger.info("atlas %s loaded", atlas.name)
         return atlas
 
@@ -94,7 +99,7 @@ class AtlasVotes:
 
     def __init__(self, datastore: Datastore, pool: AtlasPool, cache: Path):
         self.datastore, self.pool, self.cache = datastore, pool, cache
-        self._found: Lru[AtlasFusion] = Lru(IMAGES_KEPT)
+        self._found: LRUCache[Hashable, AtlasFusion] = LRUCache(IMAGES_KEPT)
 
     def load(self) -> int:
         """Load the current atlases into memory (loading costs ~2 s each at 1 mm); return how many."""
@@ -105,7 +110,7 @@ class AtlasVotes:
 
     def on(self, path: str, volume: Volume) -> Optional[AtlasFusion]:
         """The fusion on `volume` of the current atlases (not the image itself) registered onto
-        it already (cached) and fitting it (`brainsam.atlas.trusted`: a failed registration must
+        it already (cached) and fitting it (`brainsam.atlases.trust.trusted`: a failed registration must
         not answer a click); None when none is."""
         subjects = self.pool.subjects(self.datastore, exclude=image_id(path))
         try:
@@ -122,7 +127,7 @@ class AtlasVotes:
                 return None
             fusion = AtlasFusion(with_borders(maps), volume.data, volume.spacing)
             if len(found) == len(atlases):  # complete: later registrations cannot change it
-                self._found.put(key, fusion)
+                self._found[key] = fusion
         return fusion
 
 

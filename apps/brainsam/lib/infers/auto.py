@@ -3,7 +3,7 @@
 POST /infer/brainsam_auto?image=<id> (3D Slicer's auto-segmentation, type `segmentation`)
 answers one multi-label volume in the label set's ids on the image's grid. The datastore's
 labelled images (the built-in atlas while there are none) are registered to the image and their
-fusion prompts the segmenter, which answers every structure (brainsam.auto). The result params
+fusion prompts the segmenter, which answers every structure (brainsam.inference.auto). The result params
 carry each structure's confidence (1 - uncertainty) and the image's uncertainty.
 
 Optional params: `result_extension`, `result_dtype`.
@@ -17,20 +17,19 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from fastapi import HTTPException
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from brainsam.atlas import RegistrationSettings
-from brainsam.auto import first_pass
-from brainsam.config import EngineConfig
-from brainsam.labels import LabelSet
-from brainsam.volume import VolumeError, load_volume
+from brainsam.atlases.registration import RegistrationSettings
+from brainsam.core.config import EngineConfig
+from brainsam.core.labels import LabelSet
+from brainsam.core.volume import VolumeError, load_volume
+from brainsam.inference.auto import first_pass
 from lib.infers.adapters import AdapterWatcher
 from lib.infers.atlases import AtlasPool, image_id
 from lib.infers.brainsam import read_dtype, read_extension
 from lib.infers.labelled import LabelSetInfer
 from lib.infers.results import write_mask
-
-from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.tasks.infer_v2 import InferType
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,15 @@ class BrainSamAuto(LabelSetInfer):
     keeping each registration's labels, so an image is registered to an atlas once.
     """
 
-    def __init__(self, config: EngineConfig, labels: LabelSet, adapters: Optional[Path], datastore: Datastore, atlases: AtlasPool, cache: Path):
+    def __init__(
+        self,
+        config: EngineConfig,
+        labels: LabelSet,
+        adapters: Optional[Path],
+        datastore: Datastore,
+        atlases: AtlasPool,
+        cache: Path,
+    ):
         super().__init__(
             type=InferType.SEGMENTATION,
             labels={structure.name: structure.id for structure in labels.structures},
@@ -76,10 +83,19 @@ class BrainSamAuto(LabelSetInfer):
             except FileNotFoundError as error:
                 raise HTTPException(503, f"no labelled image to use as atlas yet, and {error}") from error
             engine = self.watcher.engine()
-            result = first_pass(atlases, volume, self.label_set, engine, settings=RegistrationSettings(), cache=self.cache)
+            result = first_pass(
+                atlases, volume, self.label_set, engine, settings=RegistrationSettings(), cache=self.cache
+            )
         out = write_mask(volume, result.labels, extension, dtype)
         seconds = time.perf_counter() - began
-        logger.info("automatic pass on %s: %d atlases, answered by the %s, uncertainty %.3f, %.1f s", Path(path).name, len(atlases), engine.config.answer, result.image_uncertainty, seconds)
+        logger.info(
+            "automatic pass on %s: %d atlases, answered by the %s, uncertainty %.3f, %.1f s",
+            Path(path).name,
+            len(atlases),
+            engine.config.answer,
+            result.image_uncertainty,
+            seconds,
+        )
         present = {s.name: s.id for s in self.label_set.structures if (result.labels == s.id).any()}
         return out, {
             "label_names": present,
@@ -90,4 +106,3 @@ class BrainSamAuto(LabelSetInfer):
             "adapter": self.watcher.serving.name if self.watcher.serving else None,
             "latencies": {"total": round(seconds, 3), **{k: round(v, 3) for k, v in result.seconds.items()}},
         }
-

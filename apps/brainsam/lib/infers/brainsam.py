@@ -5,7 +5,7 @@ A request (POST /infer/brainsam?image=<id>, params as 3D Slicer sends them) carr
 `result_extension`, `result_dtype` and `client_id`. The first prompt segments the structure in
 3D; later clicks refine it. Where labelled images registered onto the image already give the
 structure under the first click, their probability of it prompts the LoRA-SAM segmenter with the
-clicks (brainsam.segmenter); elsewhere the model answers from the clicks and box alone. The
+clicks (brainsam.inference.segmenter); elsewhere the model answers from the clicks and box alone. The
 result says which (`answer`). Each
 (client_id, image) keeps the state of its current structure, so annotators never see each
 other's work (requests without client_id share one state).
@@ -20,25 +20,25 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Hashable, Optional
 
 import numpy as np
+from cachetools import LRUCache
 from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from brainsam.config import EngineConfig
-from brainsam.engine import Engine
-from brainsam.labels import LabelSet
-from brainsam.predictor import PreparedImage, Segmentation
-from brainsam.segmenter import Answer
-from brainsam.prompts import PromptError, parse_points, parse_roi
-from brainsam.volume import VolumeError, load_volume
+from brainsam.core.config import EngineConfig
+from brainsam.core.labels import LabelSet
+from brainsam.core.prompts import PromptError, Prompts, parse_points, parse_roi
+from brainsam.core.volume import VolumeError, load_volume
+from brainsam.inference.engine import Engine
+from brainsam.inference.segmenter import Answer
+from brainsam.inference.state import PreparedImage, Segmentation
 from lib.infers.adapters import AdapterWatcher
 from lib.infers.atlases import AtlasVotes
-from lib.infers.interaction import REFINE, SEGMENT, Interaction, Lru, Prompts, plan
+from lib.infers.interaction import REFINE, SEGMENT, Interaction, plan
 from lib.infers.labelled import LabelSetInfer
 from lib.infers.results import EXTENSIONS, write_mask
-
-from monailabel.interfaces.tasks.infer_v2 import InferType
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,9 @@ class BrainSamInfer(LabelSetInfer):
     first answers and their corrections where they hold the click (`Engine.segment`), or None.
     """
 
-    def __init__(self, config: EngineConfig, labels: LabelSet, adapters: Optional[Path], atlases: Optional[AtlasVotes] = None):
+    def __init__(
+        self, config: EngineConfig, labels: LabelSet, adapters: Optional[Path], atlases: Optional[AtlasVotes] = None
+    ):
         super().__init__(
             type=InferType.DEEPGROW,
             labels={structure.name: structure.id for structure in labels.structures},
@@ -79,8 +81,8 @@ class BrainSamInfer(LabelSetInfer):
         self.label_set = labels
         self.watcher = AdapterWatcher(config, labels, adapters)
         self.atlases = atlases
-        self.images: Lru[PreparedImage] = Lru(IMAGES_KEPT)
-        self.interactions: Lru[Interaction] = Lru(INTERACTIONS_KEPT)
+        self.images: LRUCache[Hashable, PreparedImage] = LRUCache(IMAGES_KEPT)
+        self.interactions: LRUCache[Hashable, Interaction] = LRUCache(INTERACTIONS_KEPT)
         self._lock = threading.Lock()  # one request at a time even with MONAI_LABEL_INFER_CONCURRENCY
 
     def __call__(self, request: Dict[str, Any]) -> tuple[str, Dict[str, Any]]:
@@ -97,7 +99,15 @@ class BrainSamInfer(LabelSetInfer):
             encoded = engine.predictor.counts["encode"] - encoded_before
         path = write_mask(image.volume, mask, options.extension, options.dtype)
         seconds = time.perf_counter() - began
-        logger.info("%s %s for %s on %s: %.2f s, %d slices encoded", action, options.label, options.client or "anonymous client", Path(key[0]).name, seconds, encoded)
+        logger.info(
+            "%s %s for %s on %s: %.2f s, %d slices encoded",
+            action,
+            options.label,
+            options.client or "anonymous client",
+            Path(key[0]).name,
+            seconds,
+            encoded,
+        )
         return path, {
             "label_names": {options.label: 1},
             "interaction": action,
@@ -110,7 +120,7 @@ class BrainSamInfer(LabelSetInfer):
     def warm_up(self) -> None:
         """Load the network and the atlases, and compile what clicks run, ahead of the first
         click (the server runs this in a thread at start-up; a click arriving meanwhile waits
-        for it rather than loading twice; clicks never compile, brainsam.runtime)."""
+        for it rather than loading twice; clicks never compile, brainsam.core.runtime)."""
         began = time.perf_counter()
         try:
             with self._lock:
@@ -138,10 +148,12 @@ class BrainSamInfer(LabelSetInfer):
                 image = engine.prepare(load_volume(path))
             except VolumeError as error:
                 raise HTTPException(422, str(error)) from error
-            self.images.put(key, image)
+            self.images[key] = image
         return key, image
 
-    def _interact(self, engine: Engine, image: PreparedImage, key: tuple, reset: bool, prompts: Prompts) -> tuple[str, Interaction]:
+    def _interact(
+        self, engine: Engine, image: PreparedImage, key: tuple, reset: bool, prompts: Prompts
+    ) -> tuple[str, Interaction]:
         """Segment, refine or keep the state under `key` for `prompts`; return what was done and
         the interaction now stored."""
         previous = None if reset else self.interactions.get(key)
@@ -157,7 +169,7 @@ class BrainSamInfer(LabelSetInfer):
         except PromptError as error:
             raise HTTPException(400, str(error)) from error
         interaction = Interaction(prompts, state)
-        self.interactions.put(key, interaction)
+        self.interactions[key] = interaction
         return action, interaction
 
 
@@ -174,7 +186,10 @@ def read_options(request: Dict[str, Any], labels: LabelSet) -> Options:
     """Check the request's other parameters; 400 with what to fix if one is unusable."""
     label = request.get("label")
     if not isinstance(label, str) or label not in labels:
-        raise HTTPException(400, f"label must name a structure of label set {labels.name}, got {label!r}; choose one of {', '.join(labels.names)}")
+        raise HTTPException(
+            400,
+            f"label must name a structure of label set {labels.name}, got {label!r}; choose one of {', '.join(labels.names)}",
+        )
     return Options(
         label=labels[label].name,
         reset=read_flag(request.get("reset_state", False), "reset_state"),

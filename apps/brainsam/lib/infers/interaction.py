@@ -5,27 +5,13 @@ The engine segments from a first prompt and refines with corrective clicks it ha
 so each request is compared with the prompts already answered.
 """
 
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Generic, Hashable, Optional, TypeVar
+from typing import Optional
 
-from brainsam.predictor import Segmentation
-
-Click = tuple[int, int, int]
-Value = TypeVar("Value")
+from brainsam.core.prompts import Click, Prompts
+from brainsam.inference.state import Segmentation
 
 SEGMENT, REFINE, UNCHANGED = "segment", "refine", "unchanged"
-
-
-@dataclass(frozen=True)
-class Prompts:
-    """The prompts of one request: structure name, every click so far (stored voxel indices,
-    duplicates removed) and the roi as sent ([i_min, i_max, j_min, j_max, k_min, k_max]) or None."""
-
-    label: str
-    foreground: tuple[Click, ...]
-    background: tuple[Click, ...]
-    roi: Optional[tuple[float, ...]]
 
 
 @dataclass
@@ -53,25 +39,3 @@ def plan(previous: Optional[Interaction], prompts: Prompts) -> tuple[str, list[C
     new_fg = [click for click in prompts.foreground if click not in seen_fg]
     new_bg = [click for click in prompts.background if click not in seen_bg]
     return (REFINE if new_fg or new_bg else UNCHANGED), new_fg, new_bg
-
-
-class Lru(Generic[Value]):
-    """A map holding at most `size` entries, forgetting the least recently used one first."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._entries: OrderedDict[Hashable, Value] = OrderedDict()
-
-    def get(self, key: Hashable) -> Optional[Value]:
-        """The value under `key` (now the most recently used), or None."""
-        if key not in self._entries:
-            return None
-        self._entries.move_to_end(key)
-        return self._entries[key]
-
-    def put(self, key: Hashable, value: Value) -> None:
-        """Store `value` under `key`, forgetting the oldest entry beyond `size`."""
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)

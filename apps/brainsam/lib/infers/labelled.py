@@ -2,9 +2,9 @@
 
 from typing import Any, Dict
 
-from brainsam.labels import LabelSet
-
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+from brainsam.core.labels import LabelSet
 
 
 class LabelSetInfer(InferTask):

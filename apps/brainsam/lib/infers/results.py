@@ -6,7 +6,7 @@ import tempfile
 import nrrd
 import numpy as np
 
-from brainsam.volume import Volume, save_mask
+from brainsam.core.volume import Volume, save_mask
 
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -44,4 +44,3 @@ def uncompress_nrrd(path: str) -> None:
     data, header = nrrd.read(path)
     if header.get("encoding") == "gzip":
         nrrd.write(path, data, {**header, "encoding": "raw"})
-

@@ -18,15 +18,15 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from brainsam.config import EngineConfig
-from brainsam.labels import LabelSet
-from brainsam.store import StoreFullError
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+from brainsam.core.config import EngineConfig
+from brainsam.core.labels import LabelSet
+from brainsam.inference.store import StoreFullError
 from lib.activelearning.most_uncertain import handout_order
 from lib.background import lower_priority
 from lib.infers.adapters import AdapterWatcher
-
-from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ class PrecomputeEmbeddings(ScoringMethod):
             try:
                 encoded = engine.precompute(datastore.get_image_uri(image_id))
             except StoreFullError as error:
-                logger.warning("precompute: stopped before %s: %s; raise embedding_disk_mb to precompute more", image_id, error)
+                logger.warning(
+                    "precompute: stopped before %s: %s; raise embedding_disk_mb to precompute more", image_id, error
+                )
                 break
             except Exception as error:  # a bad image must stop neither the others nor the server
                 logger.warning("precompute: skipped %s: %s", image_id, error)
@@ -65,7 +67,14 @@ class PrecomputeEmbeddings(ScoringMethod):
                 continue
             summary["encoded"] += encoded
             log = logger.info if encoded else logger.debug  # runs after every /activelearning: stored images stay quiet
-            log("precompute: %s: %d slices encoded (%d/%d images, %.0f s)", image_id, encoded, number, len(images), time.perf_counter() - began)
+            log(
+                "precompute: %s: %d slices encoded (%d/%d images, %.0f s)",
+                image_id,
+                encoded,
+                number,
+                len(images),
+                time.perf_counter() - began,
+            )
         return summary
 
     def ready_next(self, datastore: Datastore) -> int:
@@ -82,5 +91,10 @@ class PrecomputeEmbeddings(ScoringMethod):
             logger.warning("precompute: could not ready %s, the image handed out next: %s", order[0], error)
             return 0
         if encoded:
-            logger.info("precompute: %s, the image handed out next: %d slices encoded in %.0f s", order[0], encoded, time.perf_counter() - began)
+            logger.info(
+                "precompute: %s, the image handed out next: %d slices encoded in %.0f s",
+                order[0],
+                encoded,
+                time.perf_counter() - began,
+            )
         return encoded

@@ -1,6 +1,6 @@
 """How unsure the automatic model is on each unlabelled image, as a MONAI Label scoring method.
 
-For every image without a final label, the automatic first pass (brainsam.auto: the segmenter
+For every image without a final label, the automatic first pass (brainsam.inference.auto: the segmenter
 prompted by the registered atlases) runs and its per-structure and per-image uncertainty are
 written into the image's datastore info under `uncertainty`: {score, structures, model, image,
 atlases, seconds}. A structure's uncertainty is the atlases' and the segmenter's disagreement
@@ -20,19 +20,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from brainsam.auto import first_pass
-from brainsam.config import EngineConfig
-from brainsam.labels import LabelSet
-from brainsam.volume import load_volume
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+from brainsam.core.config import EngineConfig
+from brainsam.core.labels import LabelSet
+from brainsam.core.volume import load_volume
+from brainsam.inference.auto import first_pass
 from lib.activelearning.most_uncertain import KEY, handout_order
 from lib.background import lower_priority
 from lib.infers.adapters import AdapterWatcher
 from lib.infers.atlases import AtlasPool, fingerprint
 
-from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.tasks.scoring import ScoringMethod
-
 logger = logging.getLogger(__name__)
+
 
 class UncertaintyScoring(ScoringMethod):
     """Scores every unlabelled image with the automatic model's uncertainty (see module doc)."""
@@ -50,7 +51,9 @@ class UncertaintyScoring(ScoringMethod):
     ):
         """hold_s: the strategy's hold (the order images are handed out in). ready_next: called
         after each image is scored, readies the image handed out next (precomputation)."""
-        super().__init__("Uncertainty of the automatic model on each unlabelled image (atlas and segmenter disagreement)")
+        super().__init__(
+            "Uncertainty of the automatic model on each unlabelled image (atlas and segmenter disagreement)"
+        )
         self.watcher = AdapterWatcher(config, labels, adapters)
         self.labels = labels
         self.pool = atlases
@@ -72,7 +75,11 @@ class UncertaintyScoring(ScoringMethod):
         for number, image_id in enumerate(pending):
             if time.perf_counter() - began > self.budget_s:
                 summary["left"] = len(pending) - number
-                logger.info("uncertainty: time budget (%.0f s) spent, %d images left for the next run", self.budget_s, summary["left"])
+                logger.info(
+                    "uncertainty: time budget (%.0f s) spent, %d images left for the next run",
+                    self.budget_s,
+                    summary["left"],
+                )
                 break
             try:
                 values = self._score(datastore, image_id, subjects)
@@ -82,7 +89,14 @@ class UncertaintyScoring(ScoringMethod):
                 continue
             write_info(datastore, image_id, {**values, "model": model})
             summary["scored"] += 1
-            logger.info("uncertainty: %s: %.3f (%d/%d, %.0f s)", image_id, values["score"], number + 1, len(pending), time.perf_counter() - began)
+            logger.info(
+                "uncertainty: %s: %.3f (%d/%d, %.0f s)",
+                image_id,
+                values["score"],
+                number + 1,
+                len(pending),
+                time.perf_counter() - began,
+            )
             if self.ready_next is not None:  # a score changes which image is handed out next
                 self.ready_next(datastore)
         return summary
@@ -95,7 +109,9 @@ class UncertaintyScoring(ScoringMethod):
     def _score(self, datastore: Datastore, image_id: str, subjects: list) -> Dict[str, Any]:
         path = datastore.get_image_uri(image_id)
         started = time.perf_counter()
-        result = first_pass(self.pool.atlases(subjects), load_volume(path), self.labels, self.watcher.engine(), cache=self.cache)
+        result = first_pass(
+            self.pool.atlases(subjects), load_volume(path), self.labels, self.watcher.engine(), cache=self.cache
+        )
         return {
             "score": round(result.image_uncertainty, 4),
             "structures": {name: round(value, 4) for name, value in result.uncertainty.items()},
@@ -113,7 +129,9 @@ def stale_images(datastore: Datastore, model: str, hold_s: float) -> List[str]:
     for image_id in handout_order(datastore, hold_s):
         stored = datastore.get_image_info(image_id).get(KEY) or {}
         try:
-            current = stored.get("model") == model and stored.get("image") == fingerprint(Path(datastore.get_image_uri(image_id)))
+            current = stored.get("model") == model and stored.get("image") == fingerprint(
+                Path(datastore.get_image_uri(image_id))
+            )
         except OSError:
             current = False
         if not current:

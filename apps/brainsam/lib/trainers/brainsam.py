@@ -1,7 +1,7 @@
 """The `brainsam` train task: POST /train/brainsam fine-tunes LoRA on the datastore's final labels.
 
 MONAI Label runs it in a subprocess. Each labelled image is prompted as the server prompts an
-unlabelled one: by the other labelled images registered onto it (brainsam.cases). The run continues from the newest published adapter, holds
+unlabelled one: by the other labelled images registered onto it (brainsam.training.cases). The run continues from the newest published adapter, holds
 out part of the labelled images for validation, and publishes a new adapter (atomically, next
 to the earlier ones) only when it beats where it started. The infer task picks it up at the
 next click. DELETE /train/ kills the subprocess: nothing half-written is ever published. It runs
@@ -12,18 +12,19 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import psutil
-
-from brainsam.labels import LabelSet
-from brainsam.train import TrainSettings, load_train_settings, train_and_publish
-from brainsam.trainset import Subject
-from lib.background import lower_priority
-
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
+
+from brainsam.core.labels import LabelSet
+from brainsam.io.subjects import Subject
+from brainsam.modeling.adapters import newest_adapter
+from brainsam.training.settings import TrainSettings, load_train_settings
+from brainsam.training.trainer import train_and_publish
+from lib.background import lower_priority
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,15 @@ class BrainSamTrain(TrainTask):
     registration cache the scoring fills; the labelled images' priors come from it.
     """
 
-    def __init__(self, settings: str, engine_config: str, engine_overrides: Dict[str, str], labels: LabelSet, folder: Path, cache: Path):
+    def __init__(
+        self,
+        settings: str,
+        engine_config: str,
+        engine_overrides: Dict[str, str],
+        labels: LabelSet,
+        folder: Path,
+        cache: Path,
+    ):
         super().__init__("LoRA fine-tuning of the brainsam model on the datastore's final labels")
         self.settings = settings
         self.engine_config = engine_config
@@ -62,7 +71,11 @@ class BrainSamTrain(TrainTask):
         if stats.get("state") == "running" and not alive(int(stats.get("pid", 0))):
             stats["state"] = "stopped"
         # the keys 3D Slicer's MONAILabel module reads for its progress and accuracy bars
-        stats.update(epoch=stats.get("iteration", 0), total_epochs=stats.get("iterations", 1), best_metric=stats.get("best", {}).get("score", 0))
+        stats.update(
+            epoch=stats.get("iteration", 0),
+            total_epochs=stats.get("iterations", 1),
+            best_metric=stats.get("best", {}).get("score", 0),
+        )
         return stats
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
@@ -70,9 +83,13 @@ class BrainSamTrain(TrainTask):
         settings = self._settings(request)
         subjects = labelled_subjects(datastore, self.labels)
         if not subjects:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, "no image has a final label yet: save at least one label, then train")
+            raise MONAILabelException(
+                MONAILabelError.INVALID_INPUT, "no image has a final label yet: save at least one label, then train"
+            )
         logger.info("training on %d labelled images with %s", len(subjects), settings)
-        result = train_and_publish(subjects, settings, self.labels, self.folder, self.engine_overrides, newest_adapter(self.folder), self.cache)
+        result = train_and_publish(
+            subjects, settings, self.labels, self.folder, self.engine_overrides, newest_adapter(self.folder), self.cache
+        )
         return json.loads(json.dumps(dataclasses.asdict(result), default=str))
 
     def _settings(self, request: Dict[str, Any]) -> TrainSettings:
@@ -121,9 +138,3 @@ def segment_ids(label_info: Any, default: Dict[str, int]) -> Dict[str, int]:
         return default
     named = {str(e.get("name")).lower(): e.get("idx") for e in label_info if isinstance(e, dict)}
     return {name: int(named[name.lower()]) for name in default if isinstance(named.get(name.lower()), int)}
-
-
-def newest_adapter(folder: Path) -> Optional[Path]:
-    """The most recently published adapter in `folder`, if any."""
-    adapters = list(folder.glob("*.safetensors"))
-    return max(adapters, key=lambda p: p.stat().st_mtime_ns) if adapters else None

@@ -1,0 +1,1 @@
+"""The atlas prior: the reference space, registration, label fusion, the built-in atlas."""

@@ -1,0 +1,1 @@
+"""Foundations: volumes, slice views, label sets, settings, prompts, how the networks run."""

@@ -1,0 +1,1 @@
+"""Accuracy and cost: the benchmark, its sessions, peers, reports and active learning."""

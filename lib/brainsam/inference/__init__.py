@@ -1,0 +1,1 @@
+"""Answering prompts: the segmenter, the predictor, caches and the engine facade."""

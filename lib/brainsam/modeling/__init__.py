@@ -1,0 +1,1 @@
+"""The networks: pretrained weights, SAM-family backbones, LoRA and adapter files."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: training cases, simulated annotation and the trainer."""
