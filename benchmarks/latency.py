@@ -14,8 +14,8 @@ other work on the machine: the load average is printed too) and the slices the s
 for it; p50/p95 of first and corrective clicks; and the peak resident memory of the server with
 its children (the precomputing subprocess), sampled every 0.2 s. With --atlases N, N more
 fs-aseg subjects lie in the studies folder with final labels, so start-up scoring registers them
-onto the two images and clicks are guided by them where they fit (each line says whether the
-atlases or the model answered).
+onto the two images and prompt the segmenter (each line says who answered: `segmenter`,
+`atlases` or `model`, brainsam's `answer` result field).
 With --during train or scoring, the clicks run three times: alone (filling the caches), while
 background work runs (training: POST /train on the labelled subjects; scoring: uncertainty
 scoring and precomputation of BACKGROUND_SUBJECTS, placed unlabelled in the studies folder),
@@ -74,7 +74,7 @@ class Click:
     seconds: float
     cpu_seconds: float
     encoded: int
-    guide: str
+    answered_by: str
 
 
 def click_session(server: Server, subject: Subject, structure: str, corrections: int, work: Path) -> Iterator[Click]:
@@ -88,7 +88,7 @@ def click_session(server: Server, subject: Subject, structure: str, corrections:
         path, result = client.infer(MODEL, subject.image_id, prompts)
         seconds, cpu = time.perf_counter() - began, sum(process.cpu_times()[:2]) - cpu
         mask = read_mask(path)[0] > 0
-        yield Click("first" if number == 0 else "corrective", seconds, cpu, result["encoded_slices"], result["guide"])
+        yield Click("first" if number == 0 else "corrective", seconds, cpu, result["encoded_slices"], result["answer"])
         kind, click = correction(mask, truth)
         prompts = {**prompts, kind: prompts[kind] + [click], "reset_state": False}
 
@@ -182,7 +182,7 @@ def main() -> None:
                         for click in click_session(server, subject, structure, args.corrections, work):
                             clicks.append(click)
                             print(f"{subject.image_id:<15} {structure:<18} {click.kind:<10} {click.seconds:6.2f} s  "
-                                  f"server CPU {click.cpu_seconds:6.2f} s  {click.encoded:3d} slices encoded  by {click.guide}", flush=True)  # fmt: skip
+                                  f"server CPU {click.cpu_seconds:6.2f} s  {click.encoded:3d} slices encoded  by {click.answered_by}", flush=True)  # fmt: skip
                 if phase.startswith("during"):
                     print(
                         f"background {'still ran' if stop_background(server, args.during) else 'had ENDED'} when the clicks were done",
