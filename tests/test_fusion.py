@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from brainsam.atlases.fusion import AtlasFusion, fuse, fuse_with_intensity, with_borders
+from brainsam.core.metrics import dice
 
 SHAPE = (40, 40, 40)
 SPACING = (1.0, 1.0, 1.0)
@@ -78,13 +79,9 @@ def test_a_lone_map_with_its_borders_lets_intensity_move_them_by_a_voxel() -> No
     assert len(maps) == 3 and maps[1] is shifted
     assert (maps[0] <= shifted).all() and maps[0].sum() < shifted.sum() < maps[2].sum()
     fused = fuse_with_intensity(maps, image, SPACING)
-    assert dice_of(fused == 3, truth == 3) > dice_of(shifted == 3, truth == 3) + 0.05
+    assert dice(fused == 3, truth == 3) > dice(shifted == 3, truth == 3) + 0.05
     fusion = AtlasFusion(maps, image, SPACING)
     edge = (shifted == 3) & (truth == 0)  # what the atlas took of the background
     assert fusion.probability(3)[edge].max() < 0.5 < fusion.probability(3)[truth == 3].min()
     several = [shifted, truth]
     assert with_borders(several) is several
-
-
-def dice_of(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
