@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from brainsam.core.labels import CONFIGS
 from brainsam.evaluation.evaluate import (
     BUILTIN,
     FAST_CLICKS,
     FAST_STRUCTURES,
     MODES,
-    ROOT,
     EvaluationSettings,
     chosen_adapter,
     dataset_of,
@@ -49,6 +49,9 @@ from brainsam.evaluation.report import (
     write_csv,
 )
 from brainsam.evaluation.train_figures import training_figures
+
+ROOT = CONFIGS.parent
+"""The repository: where provenance is read from git and the registration cache lives."""
 
 
 def guide_count(value: str) -> int | str:

@@ -54,7 +54,6 @@ from brainsam.inference.engine import Engine
 from brainsam.modeling import adapters
 from brainsam.training.robot import next_click
 
-ROOT = Path(__file__).resolve().parents[3]
 KNOWN_LABEL_FILES = {"aseg.nii.gz": "aseg.yaml", "muse.nii.gz": "muse.yaml"}
 MODES = ("box", "clicks", "box+clicks")
 FAST_STRUCTURES = ["Left-Putamen", "Left-Pallidum"]
