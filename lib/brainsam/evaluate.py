@@ -37,7 +37,7 @@ from brainsam.evaluation.evaluate import (
     deepedit_latency,
     engine_of,
     evaluate_models,
-    load_subject,
+    load_labelled_image,
     registration_rows,
 )
 from brainsam.evaluation.report import (
@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--target-dice", type=float, default=0.6, help="validation Dice the training figures time")
     parser.add_argument(
-        "--target-metric", default="click_1", help="validation metric of --target-dice (box, click_1, click_3)"
+        "--target-metric", default="click_1", help="validation metric of --target-dice (click_1, click_3, click_5)"
     )
     parser.add_argument("--config", default="litemedsam")
     parser.add_argument(
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{dataset.folder}: no subject with {dataset.image} and {dataset.labels}"
                 + (f" among {args.subjects}" if args.subjects else "")
             )
-        subjects += [load_subject(dataset, folder) for folder in folders[: 1 if args.fast else None]]
+        subjects += [load_labelled_image(dataset, folder) for folder in folders[: 1 if args.fast else None]]
     ids = {d.name: d.ids for d in datasets}
     structures = args.structures or list(datasets[0].ids)
     settings = EvaluationSettings(

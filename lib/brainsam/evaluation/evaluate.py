@@ -49,7 +49,7 @@ from brainsam.core.metrics import dice
 from brainsam.core.prompts import Prompts
 from brainsam.core.volume import load_volume
 from brainsam.evaluation.remote import PeakMemory, ensure_image, server_pid
-from brainsam.evaluation.sessions import Answer, EngineSession, ServerSession
+from brainsam.evaluation.sessions import EngineSession, Reply, ServerSession
 from brainsam.inference.engine import Engine
 from brainsam.modeling import adapters
 from brainsam.training.robot import next_click
@@ -113,7 +113,7 @@ def dataset_of(folder: Path, image: str, labels: str | None, mapping: str | None
 
 
 @dataclass
-class Subject:
+class LabelledImage:
     """One labelled image: stored-grid labels and voxel size (mm)."""
 
     dataset: str
@@ -123,15 +123,15 @@ class Subject:
     spacing: tuple[float, float, float]
 
 
-def load_subject(dataset: Dataset, folder: Path) -> Subject:
+def load_labelled_image(dataset: Dataset, folder: Path) -> LabelledImage:
     header = nib.load(str(folder / dataset.image)).header
     labels = np.asanyarray(nib.load(str(folder / dataset.labels)).dataobj)
-    return Subject(
+    return LabelledImage(
         dataset.name, folder.name, folder / dataset.image, labels, tuple(float(z) for z in header.get_zooms()[:3])
     )
 
 
-def scored(answer: Answer, truth: np.ndarray, spacing: tuple[float, ...], clicks: int, request: str) -> dict:
+def scored(answer: Reply, truth: np.ndarray, spacing: tuple[float, ...], clicks: int, request: str) -> dict:
     """A row's measurements for one answer."""
     return {
         "clicks": clicks, "request": request, "dice": dice(answer.mask, truth), "hd95": hd95(answer.mask, truth, spacing),
@@ -213,7 +213,7 @@ def engine_of(settings: EvaluationSettings, adapter: Path | None) -> Engine:
 
 
 def evaluate_models(
-    settings: EvaluationSettings, subjects: list[Subject], structures: list[str], ids: dict[str, dict[str, int]]
+    settings: EvaluationSettings, subjects: list[LabelledImage], structures: list[str], ids: dict[str, dict[str, int]]
 ) -> tuple[list[dict], dict]:
     """Rows of every model (engine) or of the server, and the peak memory they took."""
     rows: list[dict] = []
@@ -248,7 +248,7 @@ class PreparedImages:
     def __init__(self, engine: Engine, priors: "AtlasPriors | None" = None):
         self.engine, self.priors, self.name, self.image, self.atlases = engine, priors, None, None, None
 
-    def session(self, subject: Subject) -> EngineSession:
+    def session(self, subject: LabelledImage) -> EngineSession:
         if subject.name != self.name:
             volume = load_volume(subject.image)
             self.name, self.image = subject.name, self.engine.prepare(volume)
@@ -261,7 +261,7 @@ class AtlasPriors:
     of its own folder (leave-one-out) registered onto it, or the built-in atlas; registrations
     cached in `--atlas-cache`."""
 
-    def __init__(self, settings: EvaluationSettings, subjects: list[Subject]):
+    def __init__(self, settings: EvaluationSettings, subjects: list[LabelledImage]):
         self.settings, self.datasets = settings, {}
         for subject in subjects:
             folder = subject.image.parent.parent
@@ -269,7 +269,7 @@ class AtlasPriors:
                 subject.dataset, dataset_of(folder, settings.image, settings.labels, settings.mapping)
             )
 
-    def of(self, subject: Subject, volume) -> AtlasFusion | None:
+    def of(self, subject: LabelledImage, volume) -> AtlasFusion | None:
         """The other subjects' label maps registered onto `subject` (canonical, label-set ids)
         and fused on it, those the server would not trust left out; None when none is left."""
         from brainsam.atlases.atlas import load_atlas  # SimpleITK: imported only when asked for
@@ -292,7 +292,7 @@ class AtlasPriors:
 
 
 def run_tasks(
-    tasks: list[tuple[Subject, str]],
+    tasks: list[tuple[LabelledImage, str]],
     model: str,
     backend: str,
     settings: EvaluationSettings,
@@ -300,7 +300,7 @@ def run_tasks(
     new_session: Callable,
 ) -> list[dict]:
     """The robot over (subject, structure) tasks in every mode, a new session per mode, with a
-    progress bar. new_session: Subject -> EngineSession or ServerSession."""
+    progress bar. new_session: LabelledImage -> EngineSession or ServerSession."""
     rows = []
     bar = tqdm(tasks, desc=f"{model} ({backend})", unit="structure", file=sys.stderr, mininterval=5)
     for subject, name in bar:
@@ -324,7 +324,7 @@ def run_tasks(
 def registration_rows(
     folders: list[Path],
     settings: EvaluationSettings,
-    subjects: list[Subject],
+    subjects: list[LabelledImage],
     structures: list[str],
     ids: dict,
     engine: Engine | None = None,
@@ -377,7 +377,7 @@ def registration_rows(
     }
 
 
-def deepedit_latency(subjects: list[Subject], structures: list[str], ids: dict, clicks: int) -> dict:
+def deepedit_latency(subjects: list[LabelledImage], structures: list[str], ids: dict, clicks: int) -> dict:
     """Seconds of MONAI Label's radiology DeepEdit (random weights) on the same images: per
     subject a first click at the deepest voxel of the first structure, then `clicks - 1` more
     (at least one); p50/p95. One structure suffices: every DeepEdit request runs the network

@@ -22,7 +22,7 @@ from brainsam.inference.state import PreparedImage, Segmentation
 
 
 @dataclass
-class Answer:
+class Reply:
     """One request's result: boolean mask on the stored grid, seconds as the client saw them,
     slices encoded and prompts decoded for it, encoder and decoder seconds (None when the
     backend does not tell)."""
@@ -45,7 +45,7 @@ class EngineSession:
         self.state: Segmentation | None = None
         self.seen = (0, 0)
 
-    def ask(self, prompts: Prompts) -> Answer:
+    def ask(self, prompts: Prompts) -> Reply:
         timings, counts = self.engine.predictor.timings, self.engine.predictor.counts
         before = (timings["encode"], timings["decode"], counts["encode"], counts["decode"])
         began = time.perf_counter()
@@ -57,7 +57,7 @@ class EngineSession:
         mask = self.engine.stored_mask(self.image, self.state) > 0
         seconds = time.perf_counter() - began
         self.seen = (len(prompts.foreground), len(prompts.background))
-        return Answer(
+        return Reply(
             mask,
             seconds,
             encoded=counts["encode"] - before[2],
@@ -75,7 +75,7 @@ class ServerSession:
         self.client, self.image_id = client, image_id
         self.first = True
 
-    def ask(self, prompts: Prompts) -> Answer:
+    def ask(self, prompts: Prompts) -> Reply:
         params = {
             "label": prompts.label,
             "foreground": prompts.foreground,
@@ -90,4 +90,4 @@ class ServerSession:
         self.first = False
         mask, _ = read_mask(path)
         Path(path).unlink(missing_ok=True)
-        return Answer(mask > 0, seconds, encoded=int(result.get("encoded_slices", 0)))
+        return Reply(mask > 0, seconds, encoded=int(result.get("encoded_slices", 0)))
