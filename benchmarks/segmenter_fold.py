@@ -3,6 +3,8 @@
     nice -n 5 .venv/bin/python -m benchmarks.segmenter_fold prepare fs-aseg aseg.nii.gz aseg
     nice -n 5 .venv/bin/python -m benchmarks.segmenter_fold fold fs-aseg --held sub-07 --set iterations=600 --tag trained
     nice -n 5 .venv/bin/python -m benchmarks.segmenter_fold fold fs-aseg --held sub-07 --set iterations=0 --tag base
+    nice -n 5 .venv/bin/python -m benchmarks.segmenter_fold fold ixi-muse --held IXI051-HH-1328 --set iterations=600 \
+        --start runs/segmenter_fold/fs-aseg-sub-07-trained.state.pt --tag from-fs-aseg
 
 `prepare` keeps, per subject of ../shared/data/<data set>, what a fold needs under
 runs/segmenter_fold/<data set>/<subject>.pt: the image, its label and every other subject's labels
@@ -201,9 +203,17 @@ class PreparedTrainer(Trainer):
 
 
 def fold(
-    data_set: str, held: str, overrides: dict[str, str], atlases: int, clicks: int, tag: str, out: Path
+    data_set: str,
+    held: str,
+    overrides: dict[str, str],
+    atlases: int,
+    clicks: int,
+    tag: str,
+    out: Path,
+    start: Path | None = None,
 ) -> dict[str, Any]:
-    """Train without `held`, evaluate on it; return (and append to `out`) the summary."""
+    """Train without `held` (from the trained state `start`, another fold's, if given), evaluate
+    on it; return (and append to `out`) the summary."""
     structures = load_label_set().structures
     data = {p.stem: torch.load(p, weights_only=False) for p in sorted((FOLDS / data_set).glob("*.pt"))}
     names = [n for n in sorted(data) if n != held]
@@ -219,13 +229,15 @@ def fold(
         for part, group in (("fit", fit), ("validation", validation))
     }
     trainer = PreparedTrainer(cases["fit"], cases["validation"], settings, load_config(), load_label_set(), subjects)
+    if start is not None:
+        trainer.backbone.load_state_dict(torch.load(start), strict=False)
     state, result = trainer.run()
     if state is not None:
         trainer.backbone.load_state_dict(state, strict=False)
         torch.save(state, out.with_name(f"{data_set}-{held}-{tag or 'trained'}.state.pt"))
     trainer.backbone.eval()
     rows = evaluate(trainer.backbone, data[held], names[:atlases], structures, clicks)
-    summary = {"tag": tag, "data_set": data_set, "held": held, "overrides": overrides, "steps": result.iterations, "train_s": round(result.seconds),
+    summary = {"tag": tag, "data_set": data_set, "held": held, "overrides": overrides, "start": start and start.name, "steps": result.iterations, "train_s": round(result.seconds),
                "validation": {"baseline": result.baseline, "best": result.best}, "prior": float(np.mean([r["prior"] for r in rows])),
                "dice": np.mean([r["dice"] for r in rows], axis=0).round(4).tolist(), "rows": rows}  # fmt: skip
     with open(out, "a") as handle:
@@ -250,6 +262,7 @@ def main() -> None:
     run.add_argument("--atlases", type=int, default=5)
     run.add_argument("--clicks", type=int, default=5)
     run.add_argument("--tag", default="")
+    run.add_argument("--start", type=Path, help="a trained state another fold kept (*.state.pt) to start from")
     run.add_argument("--out", type=Path, default=FOLDS / "results.jsonl")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -258,7 +271,14 @@ def main() -> None:
         return
     overrides = dict(item.split("=", 1) for item in args.set)
     summary = fold(
-        args.data_set, args.held, {"lora": "{blocks: []}", **overrides}, args.atlases, args.clicks, args.tag, args.out
+        args.data_set,
+        args.held,
+        {"lora": "{blocks: []}", **overrides},
+        args.atlases,
+        args.clicks,
+        args.tag,
+        args.out,
+        args.start,
     )
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, default=float))
 
