@@ -5,7 +5,9 @@ The decoder of every slice sees, besides its image embedding and its box, a stac
 
 - prior: the registered atlases' probability of the structure, as a logit;
 - previous: the answer's logits so far (on the first answer, the prior's logit times
-  PRIOR_SCALE, the range of a confident SAM answer), which the decoder corrects;
+  PRIOR_SCALE, the range of a confident SAM answer; `first_previous`); the decoder's output
+  corrects `first_previous` of the prior, never the previous answer itself, so that decoding a
+  slice again and again does not pile up corrections;
 - positive / negative: the annotator's clicks, each a Gaussian spot round its pixel, fading
   with the distance in mm to the slice it was made on, so one click reaches the neighbouring
   slices it concerns and training learns how far that is.

@@ -255,7 +255,8 @@ def decode(
     scale = backbone.input_size / LOW_RES
     points, labels = point_prompts(clicks, slices, scale)
     boxes = None if box is None else torch.as_tensor(box * scale, dtype=torch.float32).repeat(len(slices), 1)
-    logits, _ = backbone.decode_dense(embeddings, tokens, dense_prompt(prior, previous, spots), boxes, points, labels)
+    dense = dense_prompt(prior, previous, spots)
+    logits, _ = backbone.decode_dense(embeddings, tokens, dense, boxes, points, labels, first_previous(prior))
     return honour_clicks(logits, clicks, slices, (4 * row0, 4 * col0), grid_mm)
 
 

@@ -235,6 +235,7 @@ class Backbone(nn.Module):
         boxes: torch.Tensor | None = None,
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
+        base: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """B slices decoded on a crop of the token grid with brainsam's dense prompt.
 
@@ -242,9 +243,11 @@ class Backbone(nn.Module):
         col1) of the 64x64 grid. dense: (B, len(DENSE_CHANNELS), 4h, 4w) on the matching crop
         of the low-res grid. boxes: (B, 4) x0, y0, x1, y1 and points: (B, N, 2) x, y, both in
         input pixels of the whole window, with point_labels (B, N): 1, 0, or -1 for padding.
-        Returns (logits (B, 4h, 4w), predicted IoU (B,)): the decoder's answer added to the
-        previous logits (weighted by `prompt_encoder.previous_weight`), so that an untrained
-        correction leaves the previous answer, or the prior, as it was.
+        base: (B, 4h, 4w) logits the decoder corrects (the prior's), or None.
+        Returns (logits (B, 4h, 4w), predicted IoU (B,)): the decoder's answer added to `base`
+        (weighted by `prompt_encoder.previous_weight`), so that the untrained network leaves the
+        prior as it was. The previous answer is a prompt, not the base: a slice decoded again
+        and again must not pile up the decoder's corrections.
         """
         device = self.device
         row0, row1, col0, col1 = tokens
@@ -265,15 +268,16 @@ class Backbone(nn.Module):
             dense_prompt_embeddings=self.prompt_encoder.mask_downscaling(dense),
             multimask_output=False,
         )
-        previous = dense[:, PREVIOUS] * dense[:, PREVIOUS + 1]
-        return logits[:, 0] + self.prompt_encoder.previous_weight * previous, iou[:, 0]
+        if base is None:
+            return logits[:, 0], iou[:, 0]
+        return logits[:, 0] + self.prompt_encoder.previous_weight * base.to(device, torch.float32), iou[:, 0]
 
 
 def widen_mask_input(prompt_encoder: nn.Module) -> None:
     """Give SAM's mask prompt the DENSE_CHANNELS inputs, in place: the pretrained filter reads
     `previous` (what SAM's one channel meant), the new channels start at zero, so the base
     model answers as SAM does until training teaches it the prior and the clicks. Adds
-    `previous_weight`, how much of the previous logits the answer keeps (see decode_dense)."""
+    `previous_weight`, how much of the prior's logits the answer keeps (see decode_dense)."""
     first = prompt_encoder.mask_downscaling[0]
     if first.in_channels == len(DENSE_CHANNELS):
         return
