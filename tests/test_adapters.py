@@ -52,6 +52,18 @@ def test_lora_starts_as_identity_and_trains_only_adapters(crop: torch.Tensor) ->
     assert 0 < trainable < total
 
 
+def test_trainable_state_is_a_copy_training_does_not_change() -> None:
+    backbone = load_backbone("litemedsam")
+    add_lora(backbone, LoraSettings(rank=4, alpha=8))
+    best = trainable_state(backbone)
+    with torch.no_grad():  # training goes on after the best validation
+        for parameter in backbone.parameters():
+            if parameter.requires_grad:
+                parameter.add_(1.0)
+    later = trainable_state(backbone)
+    assert all(torch.equal(later[name], best[name] + 1.0) for name in best)
+
+
 def test_adapter_round_trip_restores_outputs_and_manifest(tmp_path, crop: torch.Tensor) -> None:
     trained = load_backbone("litemedsam")
     settings = add_lora(trained, LoraSettings(rank=4, alpha=8))

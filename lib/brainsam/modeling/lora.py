@@ -83,8 +83,12 @@ def _trains(name: str, decoder_lora: bool) -> bool:
 
 
 def trainable_state(backbone: Backbone) -> dict[str, torch.Tensor]:
-    """The trained parameters by name: exactly what an adapter file stores."""
-    return {name: p.detach().cpu().contiguous() for name, p in backbone.named_parameters() if p.requires_grad}
+    """The trained parameters by name, exactly what an adapter file stores: a copy, so that the
+    best state of a run stays as it was while training goes on (`.cpu()` of a CPU tensor is the
+    tensor itself)."""
+    return {
+        name: p.detach().to("cpu", copy=True).contiguous() for name, p in backbone.named_parameters() if p.requires_grad
+    }
 
 
 def merge_lora(backbone: Backbone) -> int:
