@@ -53,6 +53,7 @@ from brainsam.inference.segmenter import (
 from brainsam.inference.votes import VoteShare
 from brainsam.io.subjects import Subject
 from brainsam.modeling.backbones import LOW_RES, Backbone, load_backbone
+from brainsam.modeling.lora import trainable_state
 from brainsam.training.cases import SubjectSlices, TrainingCase, cut
 from brainsam.training.robot import interior_voxel, next_click
 from brainsam.training.settings import load_train_settings
@@ -231,13 +232,14 @@ def fold(
     trainer = PreparedTrainer(cases["fit"], cases["validation"], settings, load_config(), load_label_set(), subjects)
     if start is not None:
         trainer.backbone.load_state_dict(torch.load(start), strict=False)
+    kept = trainable_state(trainer.backbone)  # what the server keeps serving when nothing beats it
     state, result = trainer.run()
+    trainer.backbone.load_state_dict(kept if state is None else state, strict=False)
     if state is not None:
-        trainer.backbone.load_state_dict(state, strict=False)
         torch.save(state, out.with_name(f"{data_set}-{held}-{tag or 'trained'}.state.pt"))
     trainer.backbone.eval()
     rows = evaluate(trainer.backbone, data[held], names[:atlases], structures, clicks)
-    summary = {"tag": tag, "data_set": data_set, "held": held, "overrides": overrides, "start": start and start.name, "steps": result.iterations, "train_s": round(result.seconds),
+    summary = {"tag": tag, "data_set": data_set, "held": held, "overrides": overrides, "start": start and start.name, "steps": result.iterations, "published": state is not None, "train_s": round(result.seconds),
                "validation": {"baseline": result.baseline, "best": result.best}, "prior": float(np.mean([r["prior"] for r in rows])),
                "dice": np.mean([r["dice"] for r in rows], axis=0).round(4).tolist(), "rows": rows}  # fmt: skip
     with open(out, "a") as handle:
