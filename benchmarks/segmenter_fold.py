@@ -17,7 +17,8 @@ the prompt encoder and mask decoder only: the embeddings are the base encoder's,
 must stay empty) with brainsam.training.trainer.Trainer, then answers every structure of the held-out
 subject as the server does (brainsam.inference.segmenter.Segmenter prompted by `--atlases` of the others
 fused), with the robot of brainsam.training.robot: a first click at the structure's most interior voxel,
-then corrective clicks at the largest error. It prints and appends to `--out` the Dice of the
+then corrective clicks at the largest error (`--honour-mm` sets how far honouring a click moves
+the logits, as chosen in docs/segmenter.md). It prints and appends to `--out` the Dice of the
 fused prior and after each click (view grid, the whole volume), and keeps the trained state
 beside it.
 """
@@ -41,6 +42,7 @@ from brainsam.core.config import load_config
 from brainsam.core.labels import Structure, load_label_set, load_mapping
 from brainsam.core.metrics import dice
 from brainsam.core.view import SliceView, Window, to_grid
+from brainsam.inference import dense
 from brainsam.inference.segmenter import (
     WINDOW_MARGIN_MM,
     WINDOW_SNAP_MM,
@@ -239,7 +241,7 @@ def fold(
         torch.save(state, out.with_name(f"{data_set}-{held}-{tag or 'trained'}.state.pt"))
     trainer.backbone.eval()
     rows = evaluate(trainer.backbone, data[held], names[:atlases], structures, clicks)
-    summary = {"tag": tag, "data_set": data_set, "held": held, "overrides": overrides, "start": start and start.name, "steps": result.iterations, "published": state is not None, "train_s": round(result.seconds),
+    summary = {"tag": tag, "data_set": data_set, "held": held, "overrides": overrides, "start": start and start.name, "steps": result.iterations, "published": state is not None, "train_s": round(result.seconds), "honour_mm": dense.HONOUR_MM,
                "validation": {"baseline": result.baseline, "best": result.best}, "prior": float(np.mean([r["prior"] for r in rows])),
                "dice": np.mean([r["dice"] for r in rows], axis=0).round(4).tolist(), "rows": rows}  # fmt: skip
     with open(out, "a") as handle:
@@ -266,12 +268,19 @@ def main() -> None:
     run.add_argument("--tag", default="")
     run.add_argument("--start", type=Path, help="a trained state another fold kept (*.state.pt) to start from")
     run.add_argument("--out", type=Path, default=FOLDS / "results.jsonl")
+    run.add_argument(
+        "--honour-mm", type=float, help=f"how far honouring a click moves the logits (default {dense.HONOUR_MM})"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.command == "prepare":
         prepare(args.data_set, args.label_file, args.mapping, args.only)
         return
     overrides = dict(item.split("=", 1) for item in args.set)
+    if args.honour_mm is not None:
+        # read by dense.honour_clicks at every call, in training and in the evaluation alike
+        dense.HONOUR_MM = args.honour_mm
+        args.tag = f"{args.tag}-honour{args.honour_mm:g}"
     summary = fold(
         args.data_set,
         args.held,

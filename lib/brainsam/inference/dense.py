@@ -13,7 +13,7 @@ The decoder of every slice sees, besides its image embedding and its box, a stac
   slices it concerns and training learns how far that is.
 
 The decoder's answer is then made to honour every click (`honour_clicks`): the clicked pixel
-always ends on the click's side, the change fading within a millimetre or so.
+always ends on the click's side, the change fading within a few millimetres.
 
 Slices are indexed along the working axis; rows and columns are low-res pixels of the window.
 """
@@ -39,10 +39,10 @@ FAINTEST = 0.01
 """A click reaches the slices where its spot is at least this strong (2.9 REACH_MM away)."""
 CLICK_MARGIN = 2.0
 """The logit a click's own pixel ends with at least, on the click's side (probability 0.88)."""
-HONOUR_MM = 1.0
+HONOUR_MM = 3.0
 """Standard deviation, in the plane and across slices, of how far honouring a click moves the
-logits: a pixel or two round the click, so the network, not a fixed blob, draws the border (a
-blob as wide as the spot carved thin structures: docs/segmenter.md)."""
+logits: the border moves by the click's depth at the click, less further along it (chosen on
+subjects the reported figures hold out: docs/segmenter.md)."""
 
 CHANNEL = {name: index for index, name in enumerate(DENSE_CHANNELS)}
 
