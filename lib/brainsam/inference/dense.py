@@ -41,8 +41,8 @@ CLICK_MARGIN = 2.0
 """The logit a click's own pixel ends with at least, on the click's side (probability 0.88)."""
 HONOUR_MM = 3.0
 """Standard deviation, in the plane and across slices, of how far honouring a click moves the
-logits: the border moves by the click's depth at the click, less further along it (chosen on
-subjects the reported figures hold out: docs/segmenter.md)."""
+logits: the border moves to just past the click there, less further along it (chosen on
+subjects other than those the reported figures hold out: docs/segmenter.md)."""
 
 CHANNEL = {name: index for index, name in enumerate(DENSE_CHANNELS)}
 
