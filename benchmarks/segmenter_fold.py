@@ -17,8 +17,9 @@ the prompt encoder and mask decoder only: the embeddings are the base encoder's,
 must stay empty) with brainsam.training.trainer.Trainer, then answers every structure of the held-out
 subject as the server does (brainsam.inference.segmenter.Segmenter prompted by `--atlases` of the others
 fused), with the robot of brainsam.training.robot: a first click at the structure's most interior voxel,
-then corrective clicks at the largest error (`--honour-mm` sets how far honouring a click moves
-the logits, as chosen in docs/segmenter.md). It prints and appends to `--out` the Dice of the
+then corrective clicks at the largest error, each re-weighting the atlases as the server's do
+(`--fixed-atlases`: not; `--discount-mm` and `--honour-mm` set how far round a click the atlases
+lose weight and how far honouring it moves the logits, as chosen in docs/segmenter.md). It prints and appends to `--out` the Dice of the
 fused prior and after each click (view grid, the whole volume), and keeps the trained state
 beside it.
 """
@@ -42,7 +43,8 @@ from brainsam.core.config import load_config
 from brainsam.core.labels import Structure, load_label_set, load_mapping
 from brainsam.core.metrics import dice
 from brainsam.core.view import SliceView, Window, to_grid
-from brainsam.inference import dense
+from brainsam.inference import atlas_votes, dense
+from brainsam.inference.atlas_votes import votes_of
 from brainsam.inference.segmenter import (
     WINDOW_MARGIN_MM,
     WINDOW_SNAP_MM,
@@ -172,23 +174,39 @@ def cases_of(subject: dict[str, Any], others: list[str], structures: list[Struct
 
 @torch.no_grad()
 def evaluate(
-    backbone: Backbone, subject: dict[str, Any], others: list[str], structures: list[Structure], clicks: int
+    backbone: Backbone,
+    subject: dict[str, Any],
+    others: list[str],
+    structures: list[Structure],
+    clicks: int,
+    fixed_atlases: bool = False,
 ) -> list[dict[str, Any]]:
-    """Per structure: the prior's Dice and the segmenter's after each of `clicks` robot clicks."""
+    """Per structure: the prior's Dice and the segmenter's after each of `clicks` robot clicks,
+    which re-weight the atlases as in the server (brainsam.inference.atlas_votes) unless
+    `fixed_atlases`."""
     encoded, shape = slices_of(subject), tuple(subject["shape"])
     truth = whole(subject, subject["truth"].numpy().astype(np.float32))
+    maps = np.stack([whole(subject, subject["maps"][o].numpy()).astype(np.uint8) for o in others])
     segmenter = Segmenter(backbone, encoded.window, encoded.held, encoded.grid_mm, encoded.of)
     rows = []
     for label_id, share in priors(subject, others, structures).items():
         target = truth == label_id
         if share is None or not target.any():
             continue
-        answer = segmenter.first(share, [segmenter.to_click(interior_voxel(target, subject["spacing"]), True)], None)
+        first = interior_voxel(target, subject["spacing"])
+        answer = segmenter.first(share, [segmenter.to_click(first, True)], None)
+        if not fixed_atlases:
+            answer.votes, answer.points = (
+                votes_of(maps, (0, 0, 0), label_id, share, subject["spacing"]),
+                [(first, True)],
+            )
         scores = [dice(answer.stack(shape) > 0, target)]
         for _ in range(clicks - 1):
             click = next_click(target, answer.stack(shape) > 0, subject["spacing"])
-            if click is not None:
-                segmenter.correct(answer, [segmenter.to_click(click[0], click[1])])
+            if click is not None and fixed_atlases:
+                segmenter.correct(answer, [segmenter.to_click(*click)])
+            elif click is not None:
+                segmenter.correct_with_atlases(answer, [click])
             scores.append(dice(answer.stack(shape) > 0, target))
         rows.append({"label": int(label_id), "prior": dice(share.majority(), target), "dice": scores})
     return rows
@@ -214,6 +232,7 @@ def fold(
     tag: str,
     out: Path,
     start: Path | None = None,
+    fixed_atlases: bool = False,
 ) -> dict[str, Any]:
     """Train without `held` (from the trained state `start`, another fold's, if given), evaluate
     on it; return (and append to `out`) the summary."""
@@ -240,8 +259,9 @@ def fold(
     if state is not None:
         torch.save(state, out.with_name(f"{data_set}-{held}-{tag or 'trained'}.state.pt"))
     trainer.backbone.eval()
-    rows = evaluate(trainer.backbone, data[held], names[:atlases], structures, clicks)
+    rows = evaluate(trainer.backbone, data[held], names[:atlases], structures, clicks, fixed_atlases)
     summary = {"tag": tag, "data_set": data_set, "held": held, "overrides": overrides, "start": start and start.name, "steps": result.iterations, "published": state is not None, "train_s": round(result.seconds), "honour_mm": dense.HONOUR_MM,
+               "discount_mm": None if fixed_atlases else atlas_votes.DISCOUNT_MM,
                "validation": {"baseline": result.baseline, "best": result.best}, "prior": float(np.mean([r["prior"] for r in rows])),
                "dice": np.mean([r["dice"] for r in rows], axis=0).round(4).tolist(), "rows": rows}  # fmt: skip
     with open(out, "a") as handle:
@@ -271,6 +291,12 @@ def main() -> None:
     run.add_argument(
         "--honour-mm", type=float, help=f"how far honouring a click moves the logits (default {dense.HONOUR_MM})"
     )
+    run.add_argument(
+        "--discount-mm",
+        type=float,
+        help=f"how far round a click the atlases it contradicts lose weight (default {atlas_votes.DISCOUNT_MM})",
+    )
+    run.add_argument("--fixed-atlases", action="store_true", help="clicks do not re-weight the atlases (ablation)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.command == "prepare":
@@ -281,6 +307,9 @@ def main() -> None:
         # read by dense.honour_clicks at every call, in training and in the evaluation alike
         dense.HONOUR_MM = args.honour_mm
         args.tag = f"{args.tag}-honour{args.honour_mm:g}"
+    if args.discount_mm is not None:
+        atlas_votes.DISCOUNT_MM = args.discount_mm  # read by AtlasVotes.share at every call
+        args.tag = f"{args.tag}-discount{args.discount_mm:g}"
     summary = fold(
         args.data_set,
         args.held,
@@ -290,6 +319,7 @@ def main() -> None:
         args.tag,
         args.out,
         args.start,
+        args.fixed_atlases,
     )
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, default=float))
 

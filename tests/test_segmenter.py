@@ -78,21 +78,57 @@ def test_the_atlases_prompt_the_segmenter_where_they_hold_the_click(phantom_engi
     )
 
 
-def test_a_correction_decodes_the_slices_it_reaches_and_no_others(phantom_engine: Engine, phantom, atlases) -> None:
+def test_a_correction_no_atlas_agrees_with_decodes_the_slices_it_reaches_and_no_others(
+    phantom_engine: Engine, phantom, atlases
+) -> None:
     image, truth = phantom
     prepared = phantom_engine.prepare(from_array(image, np.eye(4)))
     inside = np.argwhere(truth)[len(np.argwhere(truth)) // 2]
     answer = phantom_engine.segment(prepared, "Blob", foreground=[inside.tolist()], atlases=atlases)
     before = dict(zip(answer.slices, answer.logits.clone()))
     decoded = phantom_engine.predictor.counts["decode"]
-    edge = np.argwhere(truth)[0]
-    phantom_engine.refine(prepared, answer, background=[edge.tolist()])
-    view_slice = int(prepared.view.index_to_view(edge[None])[0, 0])
+    core = inside + np.array([0, 0, 1])  # every atlas labels it: no atlas gains weight
+    phantom_engine.refine(prepared, answer, background=[core.tolist()])
+    view_slice = int(prepared.view.index_to_view(core[None])[0, 0])
     near = {i for i in range(view_slice - reach(1.0), view_slice + reach(1.0) + 1) if 0 <= i < prepared.view.shape[0]}
     assert phantom_engine.predictor.counts["decode"] - decoded == len(near)
     after = dict(zip(answer.slices, answer.logits))
     changed = {i for i in after if i not in before or not torch.equal(before[i], after[i])}
     assert changed <= near and view_slice in changed
+
+
+def test_a_correction_some_atlases_agree_with_moves_the_answer_beyond_its_reach(
+    phantom_engine: Engine, phantom
+) -> None:
+    """Two atlases placed 3 voxels off along the slice axis outvote a third placed right; a
+    background click on their far edge discounts them round it, so the whole far edge goes, and
+    the near edge, further than the click reaches, moves towards the right atlas."""
+    image, truth = phantom
+    prepared = phantom_engine.prepare(from_array(image, np.eye(4)))
+    off = np.roll(truth, 3, axis=0).astype(np.uint8)
+    flat = np.where(image > 0, 300.0, 0.0).astype(np.float32)  # no contrast: the fusion counts votes only
+    atlases = AtlasFusion([off, off.copy(), truth.astype(np.uint8)], flat, (1.0, 1.0, 1.0))
+    inside = np.argwhere(truth)[len(np.argwhere(truth)) // 2]
+    far_edge = np.array([np.argwhere(truth)[:, 0].max() + 2, inside[1], inside[2]])
+    answers, scores = [], []
+    for reweighted in (True, False):
+        answer = phantom_engine.segment(prepared, "Blob", foreground=[inside.tolist()], atlases=atlases)
+        if not reweighted:
+            answer.votes = None
+        before = dict(zip(answer.slices, answer.logits.clone()))
+        if reweighted:
+            phantom_engine.refine(prepared, answer, background=[far_edge.tolist()])
+        else:
+            segmenter = phantom_engine.segmenter(prepared, answer.window)
+            segmenter.correct(answer, [segmenter.to_click(prepared.view.index_to_view(far_edge[None])[0], False)])
+        after = zip(answer.slices, answer.logits)
+        answers.append({i for i, logits in after if i not in before or not torch.equal(before[i], logits)})
+        scores.append(dice(phantom_engine.stored_mask(prepared, answer) > 0, truth))
+    view_slice = int(prepared.view.index_to_view(far_edge[None])[0, 0])
+    assert any(abs(i - view_slice) > reach(1.0) for i in answers[0]), "the re-weighted prior moved far slices"
+    assert all(abs(i - view_slice) <= reach(1.0) for i in answers[1])
+    # measured Dice 0.87 re-weighted against 0.77 with the atlases fixed
+    assert scores[0] > scores[1] + 0.05
 
 
 def test_the_answer_keeps_to_the_roi(phantom_engine: Engine, phantom, atlases) -> None:

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from cachetools import LRUCache
 
-from brainsam.atlases.fusion import AtlasFusion, any_label
+from brainsam.atlases.fusion import AtlasFusion, any_label, grown_box
 from brainsam.core.config import EngineConfig
 from brainsam.core.labels import LabelSet, load_label_set
 from brainsam.core.prompts import ViewBox, parse_points, parse_roi, points_to_view
 from brainsam.core.view import SliceView, Window
 from brainsam.core.volume import Volume, load_volume
+from brainsam.inference.atlas_votes import AtlasVotes, votes_of
 from brainsam.inference.cache import EmbeddingCache
 from brainsam.inference.predictor import Predictor
 from brainsam.inference.segmenter import (
@@ -32,6 +33,7 @@ from brainsam.inference.segmenter import (
     grid_spacing,
 )
 from brainsam.inference.state import PreparedImage, Segmentation
+from brainsam.inference.votes import MARGIN as VOTE_MARGIN
 from brainsam.inference.votes import VoteShare, correct, first_answer, outside_of
 from brainsam.modeling.adapters import load_adapter
 from brainsam.modeling.backbones import Backbone, load_backbone
@@ -50,11 +52,18 @@ class AtlasPrompt:
 
     fusion: AtlasFusion
     window: Window
+    maps: np.ndarray
+    corner: tuple[int, int, int]
 
     @classmethod
     def of(cls, view: SliceView, fusion: AtlasFusion) -> "AtlasPrompt":
+        """maps: each atlas's labels on the view, on the box of everything they label (grown by
+        as much as a prior's box is, so that it holds every prior's); corner: where the box starts."""
         region = view.to_view(any_label(fusion.propagated))
-        return cls(fusion, view.window_round(region, WINDOW_MARGIN_MM, WINDOW_SNAP_MM))
+        box = grown_box(region, VOTE_MARGIN)
+        maps = np.stack([view.to_view(labels)[box] for labels in fusion.propagated])
+        window = view.window_round(region, WINDOW_MARGIN_MM, WINDOW_SNAP_MM)
+        return cls(fusion, window, maps, tuple(b.start for b in box))
 
     def prior(self, image: PreparedImage, label_id: int, roi: ViewBox | None) -> VoteShare | None:
         """The structure's probability on the view, cut to the roi; None where no atlas has it."""
@@ -62,6 +71,10 @@ class AtlasPrompt:
         if roi is not None:
             probability[outside_of(roi.region, probability.shape)] = 0
         return VoteShare.of(probability)
+
+    def votes(self, label_id: int, prior: VoteShare, spacing: tuple[float, float, float]) -> AtlasVotes:
+        """Each atlas's vote for the structure on its prior's box (`prior` as `prior` gave it)."""
+        return votes_of(self.maps, self.corner, label_id, prior, spacing)
 
 
 def holds(prior: VoteShare, click: np.ndarray | None, roi: ViewBox | None) -> bool:
@@ -156,9 +169,10 @@ class Engine:
         if self.config.answer == "atlases":
             return self._vote(image, prior, fg, bg, box)
         segmenter = self.segmenter(image, prompt.window)
-        clicks = [segmenter.to_click(p, True) for p in fg] + [segmenter.to_click(p, False) for p in bg]
-        answer = segmenter.first(prior, clicks[:1], box)
-        return segmenter.correct(answer, clicks[1:]) if len(clicks) > 1 else answer
+        points = [(p, True) for p in fg] + [(p, False) for p in bg]
+        answer = segmenter.first(prior, [segmenter.to_click(*p) for p in points[:1]], box)
+        answer.votes, answer.points = prompt.votes(structure.id, prior, image.view.spacing), points[:1]
+        return segmenter.correct_with_atlases(answer, points[1:])
 
     def refine(
         self, image: PreparedImage, state: Segmentation | Answer, foreground: object = None, background: object = None
@@ -167,9 +181,7 @@ class Engine:
         fg, bg = self._clicks(image, foreground, background)
         if isinstance(state, Answer):
             segmenter = self.segmenter(image, state.window)
-            return segmenter.correct(
-                state, [segmenter.to_click(p, True) for p in fg] + [segmenter.to_click(p, False) for p in bg]
-            )
+            return segmenter.correct_with_atlases(state, [(p, True) for p in fg] + [(p, False) for p in bg])
         if state.votes is None:
             return self.predictor.refine(image, state, fg, bg)
         return self._correct(image, state, fg, bg)

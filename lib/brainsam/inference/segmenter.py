@@ -21,6 +21,7 @@ import torch
 
 from brainsam.core.prompts import ViewBox
 from brainsam.core.view import Window, from_grid, to_grid, to_model_box, to_model_xy
+from brainsam.inference.atlas_votes import AtlasVotes, Point
 from brainsam.inference.dense import (
     Click,
     click_spots,
@@ -42,6 +43,8 @@ BATCH = 16
 """Slices decoded per decoder call."""
 ABSENT = -20.0
 """Logit of a pixel no prompt reaches."""
+PRIOR_MOVED = 0.02
+"""A slice is decoded again when a click moves its prior by more than this anywhere."""
 WINDOW_MARGIN_MM, WINDOW_SNAP_MM = 8.0, 8.0
 """The deep-brain window: round the atlases' labels with this margin, snapped to this grid."""
 
@@ -68,6 +71,8 @@ class Answer:
     clicks: list[Click] = field(default_factory=list)
     roi: ViewBox | None = None
     share: VoteShare | None = None
+    votes: AtlasVotes | None = None
+    points: list[Point] = field(default_factory=list)
 
     def grid(self) -> torch.Tensor:
         """The logits on the whole low-res grid (len(slices), 256, 256), ABSENT off the crop."""
@@ -167,15 +172,46 @@ class Segmenter:
         """`answer` corrected by new clicks, in place: the slices each click reaches are decoded
         again from their previous answer and every click so far."""
         for click in clicks:
-            answer.clicks.append(click)
-            near = range(
-                max(click.slice - reach(self.grid_mm[0]), self.slices.start),
-                min(click.slice + reach(self.grid_mm[0]) + 1, self.slices.stop),
-            )
-            answer.recrop(token_box(None, [click], None, answer.tokens))
-            self._extend(answer, [i for i in near if i not in answer.slices])
-            self.decode(answer, [answer.slices.index(i) for i in near], fresh=False)
+            near = self._take(answer, click)
+            self.decode(answer, near, fresh=False)
         return answer
+
+    @torch.inference_mode()
+    def correct_with_atlases(self, answer: Answer, points: list[Point]) -> Answer:
+        """`answer` (with atlas votes) corrected by view-space clicks, in place: each click
+        re-weights the atlases (brainsam.inference.atlas_votes); the slices whose prior moves and
+        those the click reaches are decoded again as a first answer is, from the new prior and
+        every click. The other slices' prompts are as they were: they keep their answer."""
+        for point, foreground in points:
+            near = self._take(answer, self.to_click(point, foreground))
+            answer.points.append((point, foreground))
+            moved = self._reprior(answer, answer.votes.share(answer.points))
+            positions = sorted(set(near) | set(moved))
+            answer.logits[positions] = first_previous(answer.prior[positions])
+            self.decode(answer, positions, fresh=False)
+        return answer
+
+    def _take(self, answer: Answer, click: Click) -> list[int]:
+        """Add `click` to the answer, its crop and slices grown to hold what it reaches; return
+        the positions of the slices it reaches."""
+        answer.clicks.append(click)
+        near = range(
+            max(click.slice - reach(self.grid_mm[0]), self.slices.start),
+            min(click.slice + reach(self.grid_mm[0]) + 1, self.slices.stop),
+        )
+        answer.recrop(token_box(None, [click], None, answer.tokens))
+        self._extend(answer, [i for i in near if i not in answer.slices])
+        return [answer.slices.index(i) for i in near]
+
+    def _reprior(self, answer: Answer, share: VoteShare) -> list[int]:
+        """Make `share` the answer's prior; return the positions of the slices where it moved
+        by more than PRIOR_MOVED."""
+        row0, row1, col0, col1 = answer.tokens
+        crop = (slice(None), slice(4 * row0, 4 * row1), slice(4 * col0, 4 * col1))
+        prior = to_grid(planes(share, answer.slices), self.window, LOW_RES)[crop]
+        moved = (prior - answer.prior).abs().amax(dim=(1, 2)) > PRIOR_MOVED
+        answer.share, answer.prior = share, prior
+        return [int(p) for p in torch.nonzero(moved).flatten()]
 
     def _first_slices(self, prior: VoteShare | None, clicks: list[Click], roi: ViewBox | None) -> list[int]:
         """Slices a first answer decodes: the prior's (`prior_slices`), cut to the roi; without a
