@@ -42,7 +42,7 @@ from brainsam.atlases.registration import carry_labels
 from brainsam.core.config import load_config
 from brainsam.core.labels import Structure, load_label_set, load_mapping
 from brainsam.core.metrics import dice
-from brainsam.core.view import SliceView, Window, to_grid
+from brainsam.core.view import SliceView, Window
 from brainsam.inference import atlas_votes, dense
 from brainsam.inference.atlas_votes import votes_of
 from brainsam.inference.segmenter import (
@@ -50,15 +50,13 @@ from brainsam.inference.segmenter import (
     WINDOW_SNAP_MM,
     Segmenter,
     grid_spacing,
-    planes,
     prior_slices,
-    token_box,
 )
 from brainsam.inference.votes import VoteShare
 from brainsam.io.subjects import Subject
-from brainsam.modeling.backbones import LOW_RES, Backbone, load_backbone
+from brainsam.modeling.backbones import Backbone, load_backbone
 from brainsam.modeling.lora import trainable_state
-from brainsam.training.cases import SubjectSlices, TrainingCase, cut
+from brainsam.training.cases import SubjectSlices, TrainingCase, structure_case
 from brainsam.training.robot import interior_voxel, next_click
 from brainsam.training.settings import load_train_settings
 from brainsam.training.trainer import Trainer, split_subjects
@@ -157,18 +155,15 @@ def slices_of(subject: dict[str, Any]) -> SubjectSlices:
 def cases_of(subject: dict[str, Any], others: list[str], structures: list[Structure]) -> list[TrainingCase]:
     """Training cases of a subject as brainsam.training.cases builds them, from prepared data."""
     encoded, truth = slices_of(subject), whole(subject, subject["truth"].numpy().astype(np.float32))
+    maps = np.stack([subject["maps"][o].numpy() for o in others])  # on the deep box
+    corner = tuple(a for a, _ in subject["box"])
     out = []
     for label_id, share in priors(subject, others, structures).items():
         if share is None:
             continue
         low, high = prior_slices(share)
         indices = list(range(max(low, encoded.held.start), min(high + 1, encoded.held.stop)))
-        prior = to_grid(planes(share, indices), encoded.window, LOW_RES)
-        tokens = token_box(prior, [], None)
-        target = to_grid((truth[indices] == label_id).astype(np.float32), encoded.window, LOW_RES) > 0.5
-        out.append(
-            TrainingCase(encoded, label_id, indices, tokens, cut(prior, tokens).clone(), cut(target, tokens).numpy())
-        )
+        out.append(structure_case(encoded, label_id, share, indices, truth, maps, corner))
     return out
 
 
@@ -180,14 +175,16 @@ def evaluate(
     structures: list[Structure],
     clicks: int,
     fixed_atlases: bool = False,
+    bf16: bool = False,
 ) -> list[dict[str, Any]]:
     """Per structure: the prior's Dice and the segmenter's after each of `clicks` robot clicks,
     which re-weight the atlases as in the server (brainsam.inference.atlas_votes) unless
-    `fixed_atlases`."""
+    `fixed_atlases`; decoded under bfloat16 autocast with `bf16`, as the server decodes where
+    the CPU computes bf16 natively."""
     encoded, shape = slices_of(subject), tuple(subject["shape"])
     truth = whole(subject, subject["truth"].numpy().astype(np.float32))
     maps = np.stack([whole(subject, subject["maps"][o].numpy()).astype(np.uint8) for o in others])
-    segmenter = Segmenter(backbone, encoded.window, encoded.held, encoded.grid_mm, encoded.of)
+    segmenter = Segmenter(backbone, encoded.window, encoded.held, encoded.grid_mm, encoded.of, bf16=bf16)
     rows = []
     for label_id, share in priors(subject, others, structures).items():
         target = truth == label_id
@@ -233,6 +230,7 @@ def fold(
     out: Path,
     start: Path | None = None,
     fixed_atlases: bool = False,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Train without `held` (from the trained state `start`, another fold's, if given), evaluate
     on it; return (and append to `out`) the summary."""
@@ -259,9 +257,9 @@ def fold(
     if state is not None:
         torch.save(state, out.with_name(f"{data_set}-{held}-{tag or 'trained'}.state.pt"))
     trainer.backbone.eval()
-    rows = evaluate(trainer.backbone, data[held], names[:atlases], structures, clicks, fixed_atlases)
+    rows = evaluate(trainer.backbone, data[held], names[:atlases], structures, clicks, fixed_atlases, bf16)
     summary = {"tag": tag, "data_set": data_set, "held": held, "overrides": overrides, "start": start and start.name, "steps": result.iterations, "published": state is not None, "train_s": round(result.seconds), "honour_mm": dense.HONOUR_MM,
-               "discount_mm": None if fixed_atlases else atlas_votes.DISCOUNT_MM,
+               "discount_mm": None if fixed_atlases else atlas_votes.DISCOUNT_MM, "bf16": bf16,
                "validation": {"baseline": result.baseline, "best": result.best}, "prior": float(np.mean([r["prior"] for r in rows])),
                "dice": np.mean([r["dice"] for r in rows], axis=0).round(4).tolist(), "rows": rows}  # fmt: skip
     with open(out, "a") as handle:
@@ -297,6 +295,11 @@ def main() -> None:
         help=f"how far round a click the atlases it contradicts lose weight (default {atlas_votes.DISCOUNT_MM})",
     )
     run.add_argument("--fixed-atlases", action="store_true", help="clicks do not re-weight the atlases (ablation)")
+    run.add_argument(
+        "--bf16",
+        action="store_true",
+        help="evaluate decoding under bfloat16 autocast, as the server does on a CPU with native bf16",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.command == "prepare":
@@ -320,6 +323,7 @@ def main() -> None:
         args.out,
         args.start,
         args.fixed_atlases,
+        args.bf16,
     )
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, default=float))
 

@@ -1,6 +1,6 @@
 """Eager float32 against the path brainsam.core.runtime chooses, side by side in one run.
 
-    nice -n 5 .venv/bin/python -m benchmarks.speed [--parts encoder decoder compile prepare] \
+    nice -n 5 .venv/bin/python -m benchmarks.speed [--parts encoder decoder write compile prepare] \
         [--repeats 3] [--atlases 5] [--runtime auto]
 
 Prints, for each part, the seconds of eager float32 and of the chosen path (`--runtime`,
@@ -9,7 +9,10 @@ default auto: what a server on this machine runs) and their ratio:
   per slice, and the chosen path's relative error on the embeddings;
 - decoder: the segmenter's decoding (Backbone.decode_dense) of 16 slices of one structure on a
   16x16 crop of the token grid with a box and the dense prompt, and of 5 slices with a click
-  (what a correction re-decodes);
+  (what a correction re-decodes), eager, the chosen path, and eager under bf16 autocast (how the
+  server's segmenter decodes where the CPU computes bf16 natively);
+- write: a click's answer written as .nii.gz on fs-aseg sub-01's 256^3 grid (FreeSurfer's LIA
+  order), from the stored array in C order (as before) and as `save_mask` writes it;
 - compile: what a server's warm-up (Predictor.warm_up) costs in a new process, with an empty
   compile cache (cold) and with the cache the cold one left (warm);
 - prepare: a new 1 mm image made ready as the server's uncertainty scoring makes it: `--atlases`
@@ -19,7 +22,7 @@ default auto: what a server on this machine runs) and their ratio:
   of the eager encoder's seconds per slice (the issue's goal: <= 45).
 Rounds alternate between the paths, so load from other work hits both alike; the load average
 is printed. Times are the best of `--repeats` (wall clock; CPU seconds beside them). Needs
-../shared/data for `prepare`. Prints figures only.
+../shared/data for `write` and `prepare`. Prints figures only.
 """
 
 from __future__ import annotations
@@ -33,15 +36,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import nibabel as nib
+import numpy as np
 import torch
 
 from brainsam.core.config import load_config
 from brainsam.core.runtime import Choice, Runtime
+from brainsam.core.volume import load_volume, save_mask
 from brainsam.modeling.backbones import DENSE_CHANNELS, Backbone, load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "fs-aseg"
-PARTS = ("encoder", "decoder", "compile", "prepare")
+PARTS = ("encoder", "decoder", "write", "compile", "prepare")
 BATCH = 4
 TARGET = "sub-01"
 
@@ -62,8 +68,8 @@ def timed(paths: dict[str, Callable[[], object]], repeats: int) -> dict[str, tup
 
 
 def report(part: str, figures: dict[str, tuple[float, float]], per: int = 1, unit: str = "s") -> None:
-    """One line per path, with the ratio of eager to it."""
-    eager = figures["eager"][0]
+    """One line per path, with the ratio of the first path (eager) to it."""
+    eager = next(iter(figures.values()))[0]
     for name, (wall, cpu) in figures.items():
         print(
             f"  {part:<26} {name:<22} {wall / per:8.3f} {unit}  (CPU {cpu / per:7.3f})  x{eager / wall:5.2f}",
@@ -98,18 +104,43 @@ def decoder(backbone: Backbone, chosen: Runtime, repeats: int) -> None:
         labels = torch.ones(count, 1, dtype=torch.int64) if clicked else None
         cases[name] = (embeddings, tokens, dense, boxes, points, labels)
     fast = chosen.decoder(backbone.decode_dense)
+
+    def bf16(*arguments: object) -> object:
+        with torch.autocast("cpu", torch.bfloat16):
+            return backbone.decode_dense(*arguments)
+
     with torch.inference_mode():
         for name, arguments in cases.items():
+            reference, result = backbone.decode_dense(*arguments)[0], bf16(*arguments)[0]
             report(
                 name,
                 timed(
                     {
                         "eager": lambda a=arguments: backbone.decode_dense(*a),
                         str(chosen.choice): lambda a=arguments: fast(*a),
+                        "eager+bf16 (segmenter)": lambda a=arguments: bf16(*a),
                     },
                     repeats,
                 ),
             )
+            flipped = float(((result > 0) != (reference > 0)).float().mean())
+            print(f"  {'':<26} bf16: {flipped:.1e} of the pixels change side")
+
+
+def write(repeats: int) -> None:
+    """Write lines: one mask written both ways."""
+    volume = load_volume(DATA / TARGET / "T1.nii.gz")
+    mask = (volume.data > 0.5).astype(np.uint8)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "mask.nii.gz"
+        figures = timed(
+            {
+                "C order (before)": lambda: nib.save(nib.Nifti1Image(volume.to_stored(mask), volume.affine), path),
+                "save_mask": lambda: save_mask(volume, mask, path),
+            },
+            repeats,
+        )
+    report(f"write {'x'.join(map(str, mask.shape))} .nii.gz", figures)
 
 
 PROBE = """
@@ -206,6 +237,8 @@ def main() -> None:
         eager_per_slice = encoder(load_backbone("litemedsam"), chosen, args.repeats)
     if "decoder" in args.parts:
         decoder(load_backbone("litemedsam"), chosen, args.repeats)
+    if "write" in args.parts:
+        write(args.repeats)
     if "compile" in args.parts:
         compile_cost(args.runtime)
     if "prepare" in args.parts:

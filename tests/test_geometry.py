@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,7 @@ from brainsam.core.prompts import (
     prior_box,
 )
 from brainsam.core.view import AXES, SliceView
-from brainsam.core.volume import VolumeError, from_array, normalise_intensity
+from brainsam.core.volume import VolumeError, from_array, normalise_intensity, save_mask
 from brainsam.inference.propagation import SlicePrompt, SliceResult, StopRule, propagate
 
 from .support import ORIENTATIONS, stored_copy
@@ -38,6 +39,18 @@ def test_any_orientation_gives_the_same_canonical_volume(canonical: np.ndarray, 
     # back to the stored grid, voxel for voxel
     np.testing.assert_array_equal(volume.to_stored(volume.data), volume.to_stored(reference.data))
     assert volume.to_stored(volume.data).shape == stored.shape
+
+
+@pytest.mark.parametrize("name", ORIENTATIONS)
+def test_a_saved_mask_lies_on_the_stored_grid(canonical: np.ndarray, name: str, tmp_path) -> None:
+    stored, affine = stored_copy(canonical, (1.0, 2.0, 3.0), name)
+    volume = from_array(stored, affine)
+    mask = (stored > 1.0).astype(np.uint8)
+    path = save_mask(volume, volume.to_canonical(mask), tmp_path / "mask.nii.gz", dtype="int16")
+    written = nib.load(path)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), mask)
+    assert written.get_data_dtype() == np.int16
+    np.testing.assert_allclose(written.affine, affine)
 
 
 @pytest.mark.parametrize("name", ORIENTATIONS)

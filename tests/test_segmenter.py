@@ -78,6 +78,23 @@ def test_the_atlases_prompt_the_segmenter_where_they_hold_the_click(phantom_engi
     )
 
 
+def test_decoding_in_bfloat16_keeps_to_the_float32_answer(phantom_engine: Engine, phantom, atlases) -> None:
+    """Where the CPU computes bf16 natively the server's segmenter decodes under bf16 autocast."""
+    image, _ = phantom
+    prepared = phantom_engine.prepare(from_array(image, np.eye(4)))
+    prompt = phantom_engine.atlas_prompt(prepared, atlases)
+    prior = prompt.prior(prepared, phantom_engine.labels["Blob"].id, None)
+    answers = []
+    for bf16 in (False, True):
+        segmenter = phantom_engine.segmenter(prepared, prompt.window)
+        segmenter.bf16 = bf16
+        answers.append(segmenter.first(prior, [], None))
+    assert answers[1].logits.dtype == torch.float32
+    # measured on real subjects: Dice within 0.001 of float32 (docs/speed.md)
+    assert dice(answers[1].logits > 0, answers[0].logits > 0) > 0.99
+    assert not torch.equal(answers[0].logits, answers[1].logits), "bf16 arithmetic rounds differently"
+
+
 def test_a_correction_no_atlas_agrees_with_decodes_the_slices_it_reaches_and_no_others(
     phantom_engine: Engine, phantom, atlases
 ) -> None:

@@ -21,6 +21,7 @@ from brainsam.core.config import load_config
 from brainsam.core.labels import load_label_set, load_mapping
 from brainsam.core.view import Window
 from brainsam.core.volume import VolumeError
+from brainsam.inference.dense import Click
 from brainsam.inference.engine import Engine
 from brainsam.io.subjects import read_labels, subjects_in
 from brainsam.modeling.activations import SplitEncoder, first_trained_stage
@@ -85,7 +86,15 @@ def test_the_simulated_annotator_clicks_inside_then_on_the_largest_error() -> No
     truth = np.zeros((5, 16, 16), dtype=bool)
     truth[0:5, 3:8, 3:8] = True
     subject = SubjectSlices("phantom", Window(0, 0, 64, 64), (1.0, 1.0, 1.0), 10, torch.zeros(5, 1))
-    case = TrainingCase(subject, 1, list(range(10, 15)), (2, 6, 3, 7), torch.from_numpy(truth).float(), truth)
+    case = TrainingCase(
+        subject,
+        1,
+        list(range(10, 15)),
+        (2, 6, 3, 7),
+        torch.from_numpy(truth).float(),
+        truth,
+        torch.from_numpy(truth)[None],
+    )
     first = first_click(case)
     assert first.foreground and (first.slice, first.row, first.col) == (12, 5 + 8, 5 + 12), (
         "the most interior voxel, on the whole grid"
@@ -105,6 +114,40 @@ def test_a_poorer_registration_moves_the_prior_without_growing_it() -> None:
     moved = [shifted(prior, rng, 1, 3) for _ in range(20)]
     assert all(m.sum() <= prior.sum() for m in moved) and any(not torch.equal(m, prior) for m in moved)
     assert all(torch.equal(shifted(prior, rng, 0, 0), prior) for _ in range(3))
+
+
+def test_a_poorer_registration_moves_the_atlases_votes_with_the_prior() -> None:
+    prior = torch.zeros(6, 20, 20)
+    prior[2:4, 8:12, 8:12] = 1.0
+    stack = shifted(torch.stack([prior, prior, 0.5 * prior]), np.random.default_rng(1), 1, 3)
+    assert (
+        not torch.equal(stack[0], prior) and torch.equal(stack[0], stack[1]) and torch.equal(stack[2], 0.5 * stack[0])
+    )
+
+
+def test_a_click_re_weights_the_cases_atlases_round_it_on_the_grid() -> None:
+    # two atlases: one draws the structure where it is, the other 4 pixels too far right
+    truth = np.zeros((5, 24, 24), dtype=bool)
+    truth[:, 8:16, 6:14] = True
+    wrong = np.zeros_like(truth)
+    wrong[:, 8:16, 10:18] = True
+    members = torch.from_numpy(np.stack([truth, wrong]))
+    prior = members.float().mean(dim=0)
+    subject = SubjectSlices("phantom", Window(0, 0, 64, 64), (1.0, 1.0, 1.0), 10, torch.zeros(5, 1))
+    case = TrainingCase(subject, 1, list(range(10, 15)), (2, 8, 3, 9), prior, truth, members)
+    # a background click where only the misplaced atlas says yes: slice 12, crop row 12, col 16
+    click = Click(12, 12.0 + 8, 16.0 + 12, False)
+    moved = case.reweighted(prior, members, [click])
+    assert moved[2, 12, 16] < 0.15 and moved[2, 12, 16] < prior[2, 12, 16], "the misplaced atlas loses its vote there"
+    assert (moved[torch.from_numpy(truth & ~wrong)] > prior[torch.from_numpy(truth & ~wrong)]).all(), (
+        "where only the well-placed atlas votes, its share grows"
+    )
+    assert torch.allclose(case.reweighted(prior, members, [Click(12, 12.0 + 8, 10.0 + 12, True)]), prior), (
+        "a click both atlases agree with moves nothing"
+    )
+    assert torch.allclose(case.reweighted(prior, members, [Click(20, 12.0 + 8, 16.0 + 12, False)]), prior), (
+        "a click off the case's slices counts nowhere"
+    )
 
 
 def test_learning_rate_warms_up_then_decays_over_steps_or_time() -> None:

@@ -10,7 +10,9 @@ what it chose:
   bfloat16 natively (a GPU with bf16, a CPU with AMX or AVX512-BF16): 4x over eager on a
   Sapphire Rapids CPU, embeddings within 3 %, fs-aseg Dice within the 0.005 the project allows
   (docs/speed.md). Elsewhere bf16 is emulated and 13x slower than float32, so float32 stays.
-  The mask decoder stays float32 on a CPU: it is cheap there, and its logits are thresholded.
+  The segmenter's decoding (brainsam.inference.segmenter) follows the same choice: 1.25-1.3x
+  on an AVX512-BF16 CPU, Dice within 0.001 of float32 (docs/speed.md). The clicks-only
+  predictor's compiled decoder stays float32 on a CPU.
 
 The setting `auto` (engine config `runtime`) takes that choice; `eager`, `compiled`,
 `eager+bf16` and `compiled+bf16` force one. The environment variable BRAINSAM_RUNTIME, when
@@ -46,8 +48,8 @@ emulates it (measured 13x slower than float32 on AVX2)."""
 
 @dataclass(frozen=True)
 class Choice:
-    """What runs how. compiled: torch.compile. bf16: bfloat16 autocast for the image encoder
-    and the training step (the decoder too on a GPU)."""
+    """What runs how. compiled: torch.compile. bf16: bfloat16 autocast for the image encoder,
+    the training step and the segmenter's decoding (the predictor's decoder too on a GPU)."""
 
     compiled: bool
     bf16: bool

@@ -55,10 +55,11 @@ class Volume:
             raise VolumeError(f"array of shape {tuple(stored.shape)} does not match the image grid {self.stored_shape}")
         return np.ascontiguousarray(apply_orientation(stored, self.ornt))
 
-    def to_stored(self, canonical: np.ndarray) -> np.ndarray:
-        """Return a canonical-order array (e.g. a mask) on the stored grid."""
+    def to_stored(self, canonical: np.ndarray, order: str = "C") -> np.ndarray:
+        """Return a canonical-order array (e.g. a mask) on the stored grid, contiguous in memory
+        `order` ("C" or "F")."""
         back = ornt_transform(RAS, self.ornt)
-        return np.ascontiguousarray(apply_orientation(canonical, back))
+        return np.asarray(apply_orientation(canonical, back), order=order)
 
 
 def normalise_intensity(data: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
@@ -133,10 +134,16 @@ def load_volume(path: str | Path) -> Volume:
     return volume
 
 
+def stored_for_file(volume: Volume, canonical: np.ndarray, dtype: str | np.dtype) -> np.ndarray:
+    """A canonical-order array on the stored grid of `volume` as `dtype`, in Fortran order: NIfTI
+    and NRRD files hold voxels in that order, so their writers copy such an array out whole
+    rather than reordering it piece by piece (docs/speed.md, "Writing the answer")."""
+    return volume.to_stored(canonical, order="F").astype(dtype, copy=False)
+
+
 def save_mask(volume: Volume, canonical_mask: np.ndarray, path: str | Path, dtype: str = "uint8") -> Path:
     """Write a canonical-order mask as NIfTI on the stored grid and affine of `volume`."""
-    stored = volume.to_stored(canonical_mask).astype(dtype)
-    image = nib.Nifti1Image(stored, volume.affine)
+    image = nib.Nifti1Image(stored_for_file(volume, canonical_mask, dtype), volume.affine)
     image.set_qform(volume.affine, code=1)
     image.set_sform(volume.affine, code=1)
     nib.save(image, str(path))

@@ -212,6 +212,7 @@ class Engine:
             embeddings,
             self.predictor.timings,
             self.predictor.counts,
+            bf16=self.predictor.runtime.choice.bf16,
         )
 
     def atlas_prompt(self, image: PreparedImage, atlases: AtlasFusion) -> AtlasPrompt:

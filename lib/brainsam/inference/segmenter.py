@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -119,6 +120,8 @@ class Segmenter:
     slices and of the window's low-res rows and columns (`grid_spacing`). embeddings: where
     slice embeddings in that window come from (cache, store or encoder). timings, counts: where
     the seconds spent and the slices decoded add up (e.g. the engine's, across segmenters).
+    bf16: decode under bfloat16 autocast, where the device computes it natively (the runtime's
+    choice, brainsam.core.runtime); the logits stay float32.
     """
 
     def __init__(
@@ -130,8 +133,10 @@ class Segmenter:
         embeddings: Embeddings,
         timings: dict[str, float] | None = None,
         counts: dict[str, int] | None = None,
+        bf16: bool = False,
     ):
         self.backbone = backbone
+        self.bf16 = bf16
         self.slices = slices
         self.window = window
         self.grid_mm = grid_mm
@@ -183,12 +188,23 @@ class Segmenter:
         those the click reaches are decoded again as a first answer is, from the new prior and
         every click. The other slices' prompts are as they were: they keep their answer."""
         for point, foreground in points:
-            near = self._take(answer, self.to_click(point, foreground))
             answer.points.append((point, foreground))
-            moved = self._reprior(answer, answer.votes.share(answer.points))
-            positions = sorted(set(near) | set(moved))
-            answer.logits[positions] = first_previous(answer.prior[positions])
-            self.decode(answer, positions, fresh=False)
+            share = answer.votes.share(answer.points)
+            self.correct_prior(answer, self.to_click(point, foreground), partial(self._on_crop, share))
+            answer.share = share
+        return answer
+
+    @torch.inference_mode()
+    def correct_prior(self, answer: Answer, click: Click, prior: Callable[[Answer], torch.Tensor]) -> Answer:
+        """`answer` corrected by a click that also moves its prior, in place: `prior` gives the
+        new prior on the answer once the click has grown it. The slices the click reaches and
+        those whose prior moved by more than PRIOR_MOVED are decoded again as a first answer
+        is, from the new prior and every click; the others keep their answer."""
+        near = self._take(answer, click)
+        moved = self._reprior(answer, prior(answer))
+        positions = sorted(set(near) | set(moved))
+        answer.logits[positions] = first_previous(answer.prior[positions])
+        self.decode(answer, positions, fresh=False)
         return answer
 
     def _take(self, answer: Answer, click: Click) -> list[int]:
@@ -203,14 +219,17 @@ class Segmenter:
         self._extend(answer, [i for i in near if i not in answer.slices])
         return [answer.slices.index(i) for i in near]
 
-    def _reprior(self, answer: Answer, share: VoteShare) -> list[int]:
-        """Make `share` the answer's prior; return the positions of the slices where it moved
-        by more than PRIOR_MOVED."""
+    def _on_crop(self, share: VoteShare, answer: Answer) -> torch.Tensor:
+        """A prior on the view (`share`) on the answer's slices and crop of the low-res grid."""
         row0, row1, col0, col1 = answer.tokens
-        crop = (slice(None), slice(4 * row0, 4 * row1), slice(4 * col0, 4 * col1))
-        prior = to_grid(planes(share, answer.slices), self.window, LOW_RES)[crop]
+        return to_grid(planes(share, answer.slices), self.window, LOW_RES)[:, 4 * row0 : 4 * row1, 4 * col0 : 4 * col1]
+
+    @staticmethod
+    def _reprior(answer: Answer, prior: torch.Tensor) -> list[int]:
+        """Make `prior` (on the answer's slices and crop) its prior; return the positions of the
+        slices where it moved by more than PRIOR_MOVED."""
         moved = (prior - answer.prior).abs().amax(dim=(1, 2)) > PRIOR_MOVED
-        answer.share, answer.prior = share, prior
+        answer.prior = prior
         return [int(p) for p in torch.nonzero(moved).flatten()]
 
     def _first_slices(self, prior: VoteShare | None, clicks: list[Click], roi: ViewBox | None) -> list[int]:
@@ -261,9 +280,10 @@ class Segmenter:
             began = time.perf_counter()
             prior = None if answer.prior is None else answer.prior[chunk]
             previous = None if fresh and answer.prior is None else answer.logits[chunk]
-            logits = decode(
-                self.backbone, embeddings, answer.tokens, slices, prior, previous, answer.clicks, box, self.grid_mm
-            )
+            with torch.autocast(self.backbone.device.type, torch.bfloat16, enabled=self.bf16):
+                logits = decode(
+                    self.backbone, embeddings, answer.tokens, slices, prior, previous, answer.clicks, box, self.grid_mm
+                )
             answer.logits[chunk] = logits.float().detach().cpu()
             self.timings["decode"] += time.perf_counter() - began
             self.counts["decode"] += len(chunk)

@@ -244,7 +244,7 @@ class Backbone(nn.Module):
         of the low-res grid. boxes: (B, 4) x0, y0, x1, y1 and points: (B, N, 2) x, y, both in
         input pixels of the whole window, with point_labels (B, N): 1, 0, or -1 for padding.
         base: (B, 4h, 4w) logits the decoder corrects (the prior's), or None.
-        Returns (logits (B, 4h, 4w), predicted IoU (B,)): the decoder's answer added to `base`
+        Returns float32 (logits (B, 4h, 4w), predicted IoU (B,)): the decoder's answer added to `base`
         (weighted by `prompt_encoder.previous_weight`), so that the untrained network leaves the
         prior as it was. The previous answer is a prompt, not the base: a slice decoded again
         and again must not pile up the decoder's corrections.
@@ -268,9 +268,10 @@ class Backbone(nn.Module):
             dense_prompt_embeddings=self.prompt_encoder.mask_downscaling(dense),
             multimask_output=False,
         )
+        logits, iou = logits[:, 0].float(), iou[:, 0].float()  # bfloat16 under autocast
         if base is None:
-            return logits[:, 0], iou[:, 0]
-        return logits[:, 0] + self.prompt_encoder.previous_weight * base.to(device, torch.float32), iou[:, 0]
+            return logits, iou
+        return logits + self.prompt_encoder.previous_weight * base.to(device, torch.float32), iou
 
 
 def widen_mask_input(prompt_encoder: nn.Module) -> None:

@@ -26,7 +26,8 @@ from brainsam.core.files import replaced_atomically
 from brainsam.core.labels import LabelSet
 from brainsam.core.view import SliceView, Window, to_grid
 from brainsam.core.volume import VolumeError, load_volume
-from brainsam.inference.dense import first_previous
+from brainsam.inference.atlas_votes import AtlasVotes
+from brainsam.inference.dense import Click, first_previous
 from brainsam.inference.engine import AtlasPrompt
 from brainsam.inference.segmenter import (
     Answer,
@@ -72,7 +73,9 @@ class SubjectSlices:
 class TrainingCase:
     """One structure of one subject as a first answer meets it (brainsam.inference.segmenter.Segmenter.start):
     the slices decoded, the crop of the token grid, and on that crop of the low-res grid the
-    prior (probabilities) and the truth (boolean), both (len(slices), rows, cols)."""
+    prior (probabilities) and the truth (boolean), both (len(slices), rows, cols), and each
+    atlas's vote where the prior is, members (atlases, len(slices), rows, cols) boolean, for
+    clicks to re-weight (brainsam.inference.atlas_votes)."""
 
     subject: SubjectSlices
     label_id: int
@@ -80,6 +83,7 @@ class TrainingCase:
     tokens: tuple[int, int, int, int]
     prior: torch.Tensor
     truth: np.ndarray
+    members: torch.Tensor
 
     def answer(self) -> Answer:
         """The case as an answer not decoded yet."""
@@ -90,10 +94,43 @@ class TrainingCase:
     def logits_of(self, answer: Answer) -> torch.Tensor:
         """An answer begun from this case (`answer`), on the case's slices and crop, though
         corrections may have grown it."""
-        positions = [answer.slices.index(i) for i in self.slices]
+        return answer.logits[self._within(answer)]
+
+    def reweighted(self, prior: torch.Tensor, members: torch.Tensor, clicks: list[Click]) -> torch.Tensor:
+        """`prior` (the case's, or as `shifted` moved it, with `members` moved alike) after
+        `clicks` re-weight the atlases as at inference (brainsam.inference.atlas_votes), on the
+        low-res grid; clicks off the case's slices count nowhere."""
+        points = [
+            (
+                np.array(
+                    [self.slices.index(c.slice), round(c.row) - 4 * self.tokens[0], round(c.col) - 4 * self.tokens[2]]
+                ),
+                c.foreground,
+            )
+            for c in clicks
+            if c.slice in self.slices
+        ]
+        votes = AtlasVotes(
+            members.numpy(), VoteShare(prior.numpy(), (0, 0, 0), tuple(prior.shape)), self.subject.grid_mm
+        )
+        return torch.from_numpy(votes.share(points).values)
+
+    def prior_for(self, answer: Answer, prior: torch.Tensor) -> torch.Tensor:
+        """A prior on the case's slices and crop (`prior`) placed on an answer begun from this
+        case: the answer's own prior elsewhere."""
+        out = answer.prior.clone()
+        out[self._within(answer)] = prior
+        return out
+
+    def _within(self, answer: Answer) -> tuple[list[int], slice, slice]:
+        """Where the case's slices and crop lie in an answer begun from it."""
         rows = 4 * (self.tokens[0] - answer.tokens[0])
         cols = 4 * (self.tokens[2] - answer.tokens[2])
-        return answer.logits[positions, rows : rows + self.truth.shape[1], cols : cols + self.truth.shape[2]]
+        return (
+            [answer.slices.index(i) for i in self.slices],
+            slice(rows, rows + self.truth.shape[1]),
+            slice(cols, cols + self.truth.shape[2]),
+        )
 
 
 def cut(grid: torch.Tensor, tokens: tuple[int, int, int, int]) -> torch.Tensor:
@@ -139,16 +176,50 @@ def subject_cases(
         first,
         encode_below(view, window, range(first, last + 1), split, activations, volume.content_hash),
     )
-    cases = []
-    for label_id, (low, high) in ranges.items():
-        indices = list(range(low, high + 1))
-        prior = to_grid(planes(shares[label_id], indices), window, LOW_RES)
-        tokens = token_box(prior, [], None)
-        target = to_grid((truth[indices] == label_id).astype(np.float32), window, LOW_RES) > 0.5
-        cases.append(
-            TrainingCase(slices, label_id, indices, tokens, cut(prior, tokens).clone(), cut(target, tokens).numpy())
+    cases = [
+        structure_case(
+            slices, label_id, shares[label_id], list(range(low, high + 1)), truth, prompt.maps, prompt.corner
         )
+        for label_id, (low, high) in ranges.items()
+    ]
     return slices, cases
+
+
+def structure_case(
+    subject: SubjectSlices,
+    label_id: int,
+    share: VoteShare,
+    indices: list[int],
+    truth: np.ndarray,
+    maps: np.ndarray,
+    corner: tuple[int, int, int],
+) -> TrainingCase:
+    """The case of one structure of a subject: its prior `share` and its `truth` (the view's
+    labels) on view slices `indices`, and the votes of atlas label maps (atlases, slices, rows,
+    cols) that hold the block of the view starting at `corner`, on the low-res crop."""
+    prior = to_grid(planes(share, indices), subject.window, LOW_RES)
+    tokens = token_box(prior, [], None)
+    target = to_grid((truth[indices] == label_id).astype(np.float32), subject.window, LOW_RES) > 0.5
+    members = torch.stack(
+        [cut(vote, tokens) for vote in atlas_votes_on_grid(maps, corner, label_id, share, indices, subject.window)]
+    )
+    prior = cut(prior, tokens).clone()
+    return TrainingCase(subject, label_id, indices, tokens, prior, cut(target, tokens).numpy(), members & (prior > 0))
+
+
+def atlas_votes_on_grid(
+    maps: np.ndarray, corner: tuple[int, int, int], label_id: int, share: VoteShare, indices: list[int], window: Window
+) -> list[torch.Tensor]:
+    """Each atlas's vote for `label_id` on view slices `indices`, resampled to the window's
+    low-res grid (len(indices), LOW_RES, LOW_RES) boolean, as the prior is; `maps` hold the
+    block of a view of `share`'s shape that starts at `corner`."""
+    return [
+        to_grid(
+            planes(VoteShare((labels == label_id).astype(np.float32), corner, share.shape), indices), window, LOW_RES
+        )
+        > 0.5
+        for labels in maps
+    ]
 
 
 def encode_below(

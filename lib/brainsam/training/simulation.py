@@ -42,11 +42,12 @@ def corrective_click(case: TrainingCase, positions: list[int], logits: torch.Ten
 
 
 def shifted(prior: torch.Tensor, rng: np.random.Generator, slices: int, pixels: int) -> torch.Tensor:
-    """The prior (S, rows, cols) moved by up to `slices` slices and `pixels` pixels each way, as
-    a registration that missed by that much would give (zero where it moved away from)."""
+    """The prior (..., S, rows, cols: a stack of them moves as one) moved by up to `slices`
+    slices and `pixels` pixels each way, as a registration that missed by that much would give
+    (zero where it moved away from)."""
     moves = [int(rng.integers(-limit, limit + 1)) for limit in (slices, pixels, pixels)]
     out = torch.zeros_like(prior)
-    source = tuple(slice(max(-m, 0), n - max(m, 0)) for m, n in zip(moves, prior.shape))
-    target = tuple(slice(max(m, 0), n - max(-m, 0)) for m, n in zip(moves, prior.shape))
-    out[target] = prior[source]
+    source = tuple(slice(max(-m, 0), n - max(m, 0)) for m, n in zip(moves, prior.shape[-3:]))
+    target = tuple(slice(max(m, 0), n - max(-m, 0)) for m, n in zip(moves, prior.shape[-3:]))
+    out[(..., *target)] = prior[(..., *source)]
     return out

@@ -5,7 +5,9 @@ Training teaches exactly the use the server makes of the model (brainsam.inferen
 labelled subject gets its prior from the other labelled subjects registered onto it (leave one
 out, brainsam.training.cases), sometimes shifted as a poorer registration would be; a step decodes a
 slab of a structure's slices from that prior, the robot's first click (most of the time), then
-rounds of the robot's corrective clicks on the model's own previous answer, fed back. The image
+rounds of the robot's corrective clicks on the model's own previous answer, each re-weighting the
+atlases (brainsam.inference.atlas_votes) and the slab decoded afresh from the prior they move,
+as the server corrects; validation corrects the same way. The image
 encoder is frozen except LoRA updates of chosen attention blocks, whose frozen input is computed
 once per slice; prompt encoder and mask decoder are fine-tuned. AdamW, a linear warm-up
 ("preheating"), then cosine or poly decay. The adapter that scores best on the held-out subjects
@@ -19,6 +21,7 @@ import dataclasses
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -228,25 +231,34 @@ class Trainer:
         slices = [case.slices[p] for p in positions]
         row0, row1, col0, col1 = case.tokens
         embeddings = self.split.above(case.subject.of(slices))[:, :, row0:row1, col0:col1]
-        prior = case.prior[positions]
-        if rng.random() < settings.shift:
-            prior = shifted(prior, rng, settings.shift_slices, settings.shift_pixels)
-        box = support_box(prior, case.tokens)
+        prior, members = case.prior, case.members
+        if rng.random() < settings.shift:  # the atlases' votes move with the prior they make
+            both = shifted(torch.cat([prior[None], members.float()]), rng, settings.shift_slices, settings.shift_pixels)
+            prior, members = both[0], both[1:] > 0.5
         first = self._first_click(case)
         clicks = [first] if first is not None and rng.random() < settings.first_click else []
         target = torch.as_tensor(case.truth[positions], dtype=torch.float32, device=embeddings.device)[None, None]
-        previous, total = first_previous(prior), 0.0
+        total = 0.0
         rounds = 1 + int(rng.integers(settings.click_rounds + 1))
         for round_ in range(rounds):
+            # as the server answers: every round decoded afresh from the prior the clicks so far re-weighted
             logits = decode(
-                self.backbone, embeddings, case.tokens, slices, prior, previous, clicks, box, case.subject.grid_mm
+                self.backbone,
+                embeddings,
+                case.tokens,
+                slices,
+                prior[positions],
+                first_previous(prior[positions]),
+                clicks,
+                support_box(prior, case.tokens),
+                case.subject.grid_mm,
             )
             total = total + self.loss(logits[None, None], target)
             click = corrective_click(case, positions, logits.detach()) if round_ < rounds - 1 else None
             if click is None:
                 break
             clicks.append(click)
-            previous = logits.detach().cpu()
+            prior = case.reweighted(prior, members, clicks)
         return total / (round_ + 1)
 
     def _first_click(self, case: TrainingCase) -> Click | None:
@@ -287,8 +299,9 @@ class Trainer:
             scores["click_1"].append(dice(case.logits_of(answer) > 0, case.truth))
             for clicks in range(2, 6):
                 click = corrective_click(case, list(range(len(case.slices))), case.logits_of(answer))
-                if click is not None:
-                    segmenter.correct(answer, [click])
+                if click is not None:  # as the server corrects: the atlases re-weighted
+                    prior = case.reweighted(case.prior, case.members, [*answer.clicks, click])
+                    segmenter.correct_prior(answer, click, partial(case.prior_for, prior=prior))
                 if f"click_{clicks}" in scores:
                     scores[f"click_{clicks}"].append(dice(case.logits_of(answer) > 0, case.truth))
         means = {key: float(np.mean(values)) if values else 0.0 for key, values in scores.items()}

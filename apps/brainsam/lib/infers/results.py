@@ -6,7 +6,7 @@ import tempfile
 import nrrd
 import numpy as np
 
-from brainsam.core.volume import Volume, save_mask
+from brainsam.core.volume import Volume, save_mask, stored_for_file
 
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -18,7 +18,7 @@ def write_mask(volume: Volume, canonical_mask: np.ndarray, extension: str, dtype
     handle, path = tempfile.mkstemp(prefix="brainsam-", suffix=extension)
     os.close(handle)
     if extension == ".nrrd":
-        write_nrrd(volume.to_stored(canonical_mask).astype(dtype), volume.affine, path)
+        write_nrrd(stored_for_file(volume, canonical_mask, dtype), volume.affine, path)
     else:
         save_mask(volume, canonical_mask, path, dtype=dtype.name)
     return path
