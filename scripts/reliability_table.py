@@ -1,11 +1,11 @@
-"""Regenerate the reliability table (docs/reliability.md) from a run of tests/test_reliability.py.
+"""Regenerate the tables of docs/reliability.md from a run of the tests that record them.
 
-    .venv/bin/python scripts/reliability_table.py [--rows FILE]
+    .venv/bin/python scripts/reliability_table.py [--rows FOLDER]
 
-Runs the tests (about 5 minutes on 2 idle cores) with BRAINSAM_RELIABILITY_ROWS set, so each
-passing check writes its row (case, what the server answered), and replaces the table between
-the markers START and END of docs/reliability.md (section SECTION). If a test fails, the file is
-left as it was.
+Runs tests/test_reliability.py and tests/test_saved_work.py (about 6 minutes on 2 idle cores)
+with BRAINSAM_RELIABILITY_ROWS set to a folder, so each passing check writes its row (case, what
+the server answered) to <folder>/<table>.json, and replaces each table between its markers in
+docs/reliability.md. If a test fails, the file is left as it was.
 """
 
 from __future__ import annotations
@@ -17,22 +17,40 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = "# Reliability: what was tried and what happens"
 TABLE_FILE = ROOT / "docs" / "reliability.md"
-START, END = "<!-- reliability-table: start -->", "<!-- reliability-table: end -->"
+
+
+@dataclass(frozen=True)
+class Table:
+    """One generated table: the test module that records it, the name it records under
+    (tests/support.TableRows), and the marker name round it in docs/reliability.md."""
+
+    module: str
+    rows: str
+    marker: str
+
+    def markers(self) -> tuple[str, str]:
+        return f"<!-- {self.marker}: start -->", f"<!-- {self.marker}: end -->"
+
+
+TABLES = (
+    Table("tests/test_reliability.py", "reliability", "reliability-table"),
+    Table("tests/test_saved_work.py", "saved_work", "fault-injection-table"),
+)
 INTRO = (
-    "Each row is a check of `tests/test_reliability.py` against the real server (and its train\n"
-    "subprocess), written by the test once its assertions passed; `.venv/bin/python\n"
-    "scripts/reliability_table.py` reruns the tests and rewrites this table ({date})."
+    "Each row is a check of `{module}` against the real server, written by the test once its\n"
+    "assertions passed; `.venv/bin/python scripts/reliability_table.py` reruns the tests and\n"
+    "rewrites this table ({date})."
 )
 
 
-def run_tests(rows: Path) -> int:
-    command = [sys.executable, "-m", "pytest", "tests/test_reliability.py", "-q", "-p", "no:cacheprovider"]
-    return subprocess.call(command, cwd=ROOT, env={**os.environ, "BRAINSAM_RELIABILITY_ROWS": str(rows)})
+def run_tests(folder: Path) -> int:
+    command = [sys.executable, "-m", "pytest", *(t.module for t in TABLES), "-q", "-p", "no:cacheprovider"]
+    return subprocess.call(command, cwd=ROOT, env={**os.environ, "BRAINSAM_RELIABILITY_ROWS": str(folder)})
 
 
 def cell(text: str) -> str:
@@ -40,19 +58,21 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render(rows: list[dict[str, str]]) -> str:
+def render(table: Table, rows: list[dict[str, str]]) -> str:
     """The generated text: a line saying where it comes from and a markdown table of the rows."""
-    lines = [INTRO.format(date=time.strftime("%Y-%m-%d")), "", "| case | what happens |", "|---|---|"]
+    intro = INTRO.format(module=table.module, date=time.strftime("%Y-%m-%d"))
+    lines = [intro, "", "| case | what happens |", "|---|---|"]
     lines += [f"| {cell(row['case'])} | {cell(row['outcome'])} |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def replace_table(text: str, body: str) -> str:
-    """`text` with the text between START and END (in SECTION) replaced by `body`."""
-    if text.count(START) != 1 or text.count(END) != 1:
-        raise SystemExit(f"{TABLE_FILE.name} must hold the markers {START} and {END} once each, in {SECTION}")
-    head, rest = text.split(START)
-    return f"{head}{START}\n{body}{END}{rest.split(END)[1]}"
+def replace_table(text: str, table: Table, body: str) -> str:
+    """`text` with the text between the table's markers replaced by `body`."""
+    start, end = table.markers()
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise SystemExit(f"{TABLE_FILE.name} must hold the markers {start} and {end} once each")
+    head, rest = text.split(start)
+    return f"{head}{start}\n{body}{end}{rest.split(end)[1]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,17 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows",
         type=Path,
-        help="rows written by an earlier run (BRAINSAM_RELIABILITY_ROWS) instead of running the tests",
+        help="a folder of rows written by an earlier run (BRAINSAM_RELIABILITY_ROWS) instead of running the tests",
     )
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as folder:
-        rows = args.rows or Path(folder) / "rows.json"
-        if args.rows is None and run_tests(rows) != 0 or not rows.is_file():
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.rows or Path(scratch)
+        files = [folder / f"{t.rows}.json" for t in TABLES]
+        if args.rows is None and run_tests(folder) != 0 or not all(f.is_file() for f in files):
             print(f"tests failed: {TABLE_FILE} left unchanged", file=sys.stderr)
             return 1
-        body = render(json.loads(rows.read_text()))
-    TABLE_FILE.write_text(replace_table(TABLE_FILE.read_text(), body))
-    print(f"{TABLE_FILE.relative_to(ROOT)}: the table of {SECTION!r} rewritten")
+        text = TABLE_FILE.read_text()
+        for table, rows in zip(TABLES, files):
+            text = replace_table(text, table, render(table, json.loads(rows.read_text())))
+    TABLE_FILE.write_text(text)
+    print(f"{TABLE_FILE.relative_to(ROOT)}: {len(TABLES)} tables rewritten")
     return 0
 
 

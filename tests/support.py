@@ -323,3 +323,28 @@ ORIENTATIONS = {
     "LPS": [[0, -1], [1, -1], [2, 1]],
     "PSR": [[1, -1], [2, 1], [0, 1]],
 }
+
+
+TEMPORARY_FOLDERS = re.compile(r"(\.{0,2}/[^/\s'\"]+)+/")  # the folder part of a path in a message
+
+
+def without_folders(message: str) -> str:
+    """`message` for a table cell: the folders of the test's temporary paths left out."""
+    return TEMPORARY_FOLDERS.sub("…/", message)
+
+
+class TableRows:
+    """The rows a test module records for a table of docs/reliability.md: (case, what happens),
+    each recorded only once the check behind it passed. With BRAINSAM_RELIABILITY_ROWS=FOLDER,
+    `write` puts them in FOLDER/<name>.json (scripts/reliability_table.py reads them)."""
+
+    def __init__(self, name: str):
+        self.name, self.rows = name, []
+
+    def record(self, case: str, outcome: str) -> None:
+        self.rows.append({"case": case, "outcome": outcome})
+
+    def write(self) -> None:
+        folder = os.environ.get("BRAINSAM_RELIABILITY_ROWS")
+        if folder:
+            (Path(folder) / f"{self.name}.json").write_text(json.dumps(self.rows, indent=1) + "\n")

@@ -34,6 +34,7 @@ import pydicom
 import pytest
 from dicomweb_client import DICOMwebClient
 from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelUtils
 from nibabel.orientations import (
     apply_orientation,
     axcodes2ornt,
@@ -483,3 +484,38 @@ def test_series_that_cannot_be_segmented_are_refused_with_the_reason(deployment:
                     urllib.request.urlopen(
                         urllib.request.Request(f"{orthanc}/series/{found['ID']}", method="DELETE"), timeout=60
                     ).close()
+
+
+def test_labels_that_do_not_fit_the_series_are_refused_and_the_archive_keeps_its_segs(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """A label sent for a series of the archive (PUT /datastore/label, as Slicer saves against a
+    DICOMweb server) that does not fit it answers 422 with the reason; no SEG is stored and the
+    series' final label, if it has one, stays as it was."""
+    series = deployment.series["mni152"]
+    archive = DICOMwebClient(deployment.dicomweb)
+
+    def state() -> tuple[list[str], list[Any]]:
+        segs = sorted(s["0020000E"]["Value"][0] for s in archive.search_for_series(search_filters={"Modality": "SEG"}))
+        return segs, get_json(f"{deployment.url}/datastore/?output=train")
+
+    shape = nib.load(str(SAMPLE)).shape
+    cortex = np.zeros(shape, np.int16)
+    cortex[80:90, 100:110, 70:80] = 3  # aseg's left cortex: no structure of the label set
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.int16), np.eye(4)), small)
+    other = tmp_path / "cortex.nii.gz"
+    nib.save(nib.Nifti1Image(cortex, nib.load(str(SAMPLE)).affine), other)
+    report = tmp_path / "report.nii.gz"
+    report.write_bytes(b"%PDF-1.4 not a label\n")
+    before = state()
+    for path, reason in [
+        (small, "label shape 10x10x10 does not match"),
+        (report, "not an image file"),
+        (other, "values 3 that name no structure"),
+    ]:
+        status, response = MONAILabelUtils.http_multipart(
+            "PUT", deployment.url, f"/datastore/label?image={series}&tag=final", {"params": "{}"}, {"label": str(path)}
+        )[:2]
+        assert status == 422 and reason in json.loads(response)["detail"], (path.name, status, response)
+        assert state() == before, f"{path.name}: the archive or the final label changed"

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from brainsam.atlases.atlas import load_atlas
+from brainsam.atlases.atlas import Atlas, load_atlas
 from brainsam.atlases.reference import Placements, between, downsample, load_reference
-from brainsam.atlases.registration import RegistrationSettings, carry_labels
+from brainsam.atlases.registration import RegistrationSettings, cache_path, cached, carry_labels
 from brainsam.core.labels import CONFIGS, load_label_set, load_mapping
 from brainsam.core.metrics import dice
+from brainsam.core.volume import from_array
 from brainsam.io.sample import INSTALL_HINT, MRICRON
 
-from .support import require_data
+from .support import make_phantom, require_data
 
 
 def affine(matrix: np.ndarray, translation: np.ndarray, centre: np.ndarray) -> sitk.AffineTransform:
@@ -113,3 +114,18 @@ def test_a_freesurfer_atlas_labels_a_scan_of_another_scanner() -> None:
     }
     # measured 0.79 / 0.82 / 0.79 / 0.73 against MUSE labels (another labelling protocol)
     assert min(scores.values()) > 0.6, scores
+
+
+@pytest.mark.parametrize("damage", [b"PK\x03\x04 cut short", b"not an npz at all"])
+def test_a_damaged_kept_registration_is_registered_again_not_served(tmp_path, damage: bytes) -> None:
+    image, truth = make_phantom()
+    target = from_array(image, np.eye(4))
+    atlas = Atlas("phantom-atlas", from_array(image, np.eye(4)), truth.astype(np.uint8))
+    settings = RegistrationSettings()
+    path = cache_path(atlas, target, settings, tmp_path)
+    np.savez_compressed(path, labels=truth.astype(np.uint8))
+    assert np.array_equal(cached(atlas, target, settings, tmp_path), truth)
+    path.write_bytes(damage)
+    assert cached(atlas, target, settings, tmp_path) is None and not path.exists()
+    np.savez_compressed(path, labels=truth[:-1].astype(np.uint8))  # another image's labels
+    assert cached(atlas, target, settings, tmp_path) is None

@@ -51,7 +51,8 @@ def test_training_publishes_an_adapter_the_next_click_uses(
 ) -> None:
     client = server.client("trainer", tmp_path)
     for subject in subjects:
-        client.save_label(subject.image_id, str(require_data("fs-aseg", subject.image_id, "aseg.nii.gz")), tag="final")
+        aseg = require_data("fs-aseg", subject.image_id, "aseg.nii.gz")  # cortex and the rest stored as background
+        client.save_label(subject.image_id, str(aseg), tag="final", params={"other_values": "background"})
     patient = subjects[0]
     roi = roi_of(patient.truth("Left-Putamen"))
     centre = (roi[0] + roi[1]) // 2

@@ -26,6 +26,7 @@ from lib.infers.atlases import AtlasVotes
 from lib.infers.clicked import ClickedStructure
 from lib.infers.results import uncompress_nrrd
 from lib.ohif import serve_fixed_ohif
+from lib.routes import install_checked_routes, known
 
 
 class BrainSamApp(MONAILabelApp):
@@ -56,22 +57,25 @@ class BrainSamApp(MONAILabelApp):
             self.studies = self.studies.rstrip("/")
             cache = settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or settings.MONAI_LABEL_DATASTORE_CACHE_PATH
             return DicomWebStudies(self.studies, self.task.label_set, cache)
-        return StudiesDatastore(self.studies)
+        return StudiesDatastore(self.studies, self.task.label_set)
 
     def on_init_complete(self) -> None:
-        """Server only: 4xx for bad requests, OHIF's fixed scripts, and the network and atlases
-        loaded before the first click."""
+        """Server only: 4xx for bad requests (names and train settings checked before any work
+        starts), OHIF's fixed scripts, and the network and atlases loaded before the first click."""
         from monailabel.app import (
             app,  # the server's FastAPI app; only the server calls this
         )
 
         install_error_handlers(app)
+        install_checked_routes(app, self, {name: task.check_settings for name, task in self._trainers.items()})
         serve_fixed_ohif(app)
         threading.Thread(target=self._infers[self.task.name].warm_up, name="warm-up", daemon=True).start()
         super().on_init_complete()
 
     def infer(self, request: Dict[str, Any], datastore: Optional[Datastore] = None) -> Dict[str, Any]:
-        """Inference reads datastore images only: `image` (query or params) is an id, never a path."""
+        """Inference reads datastore images only: `image` (query or params) is an id, never a path.
+        An unknown model answers 404 with the models there are."""
+        known("model", request.get("model"), self._infers)
         image = datastore_image(request.get("image"), datastore or self.datastore(), self.sessions())
         request = {**request, "image": image}
         if request.get("model") == self.task.name and not request.get("label"):

@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import pydicom
 import SimpleITK as sitk
 from fastapi import HTTPException
@@ -39,8 +40,9 @@ from pydicom.dataset import Dataset
 
 from brainsam.core.labels import LabelSet
 from brainsam.io.dicom import SeriesError, series_to_nifti
+from brainsam.io.label_files import LabelError, checked_label, label_values
 from brainsam.io.seg import labels_to_seg, seg_to_labels
-from lib.trainers.brainsam import segment_ids
+from lib.datastore import SAVE_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -238,15 +240,23 @@ class DicomWebStudies(DICOMWebDatastore):
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any], label_id: str = ""
     ) -> str:
-        """Save a label of series `image_id` (NIfTI/NRRD on its grid, or OHIF's raw .bin). It is
+        """Save a label of series `image_id` (NIfTI/NRRD on its grid, or OHIF's raw .bin) once it
+        passed the checks of brainsam.io.label_files (422 with the reason, nothing stored). It is
         kept in label set ids (Slicer's segments read through `label_info`); a final label is
-        also stored in the archive as a DICOM SEG. 422 when it does not fit the image."""
+        also stored in the archive as a DICOM SEG, where the SEGs it replaces stay."""
+        if not isinstance(label_info, dict):
+            raise HTTPException(400, f"params must be a JSON object, got {label_info!r}")
         image = self.get_image_uri(image_id)
         reference = sitk.ReadImage(image)
         if "".join(Path(label_filename).suffixes) == ".bin":
-            label_filename = binary_to_image(image, label_filename)
-        labels = self._in_label_set_ids(sitk.ReadImage(label_filename), reference, label_info.get("label_info"))
-        info = {key: value for key, value in label_info.items() if key != "label_info"}
+            try:
+                label_filename = binary_to_image(image, label_filename)
+            except (RuntimeError, ValueError) as error:
+                raise HTTPException(
+                    422, f"label for {image_id} not saved: not a labelmap of the series ({error})"
+                ) from None
+        labels = self._in_label_set_ids(image_id, label_filename, reference, label_info)
+        info = {key: value for key, value in label_info.items() if key not in ("label_info", *SAVE_OPTIONS)}
         if label_tag == DefaultLabelTag.FINAL:
             info["SeriesInstanceUID"] = self._store_seg(image_id, labels)
         with tempfile.TemporaryDirectory() as tmp:
@@ -254,19 +264,21 @@ class DicomWebStudies(DICOMWebDatastore):
             sitk.WriteImage(labels, str(path), True)
             return LocalDatastore.save_label(self, image_id, str(path), label_tag, info)
 
-    def _in_label_set_ids(self, label: sitk.Image, reference: sitk.Image, label_info: Any) -> sitk.Image:
-        """The label on the reference grid with values in label set ids; 422 if its size differs."""
-        if label.GetSize() != reference.GetSize():
-            raise HTTPException(
-                422,
-                f"the label's size {label.GetSize()} differs from the image's {reference.GetSize()}: save it on the image's grid",
-            )
-        values = sitk.GetArrayFromImage(label)
-        ids = segment_ids(label_info, {s.name: s.id for s in self.label_set.structures})
-        mapped = values * 0
-        for name, value in ids.items():
-            mapped[values == value] = self.label_set[name].id
-        result = sitk.GetImageFromArray(mapped.astype("uint16"))
+    def _in_label_set_ids(
+        self, image_id: str, label_filename: str, reference: sitk.Image, params: Dict[str, Any]
+    ) -> sitk.Image:
+        """The label checked against the series (brainsam.io.label_files; 422 with the reason),
+        its values turned into the label set's ids."""
+        try:
+            values = label_values(params.get("label_info"), self.label_set, params.get("other_values"))
+            label = checked_label(label_filename, reference, values, params.get("resample") is True)
+        except LabelError as error:
+            raise HTTPException(422, f"label for {image_id} not saved, the stored one is unchanged: {error}") from None
+        found = sitk.GetArrayViewFromImage(label)
+        mapped = np.zeros(found.shape, dtype=np.uint16)
+        for value, name in values.named.items():
+            mapped[found == value] = self.label_set[name].id
+        result = sitk.GetImageFromArray(mapped)
         result.CopyInformation(reference)
         return result
 

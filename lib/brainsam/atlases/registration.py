@@ -288,9 +288,21 @@ def cache_path(atlas: Atlas, target: Volume, settings: RegistrationSettings, cac
 
 
 def cached(atlas: Atlas, target: Volume, settings: RegistrationSettings, cache: Path) -> np.ndarray | None:
-    """The atlas labels on the target if an earlier `carry_labels` kept them in `cache`, else None."""
+    """The atlas labels on the target if an earlier `carry_labels` kept them in `cache`, else None
+    (also when the kept file is damaged: it is removed, and the atlas registered again)."""
     path = cache_path(atlas, target, settings, cache)
-    return np.load(path)["labels"] if path.is_file() else None
+    try:
+        with np.load(path, allow_pickle=False) as kept:
+            labels = kept["labels"]
+        if labels.shape != target.data.shape:
+            raise ValueError(f"labels of shape {labels.shape} for an image of shape {target.data.shape}")
+        return labels
+    except FileNotFoundError:
+        return None
+    except Exception as error:  # any damage (truncated, foreign, garbled): register again
+        logger.warning("ignoring damaged registration %s: %s", path, error)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def register_atlases(

@@ -96,27 +96,50 @@ class EngineConfig:
 
 def with_overrides(settings: Any, overrides: dict[str, Any]) -> Any:
     """A copy of dataclass `settings` with fields overridden; string values (from --conf or a
-    REST request) are converted to each field's type. Unknown keys raise KeyError."""
+    REST request) are converted to each field's type, other values must already be of it.
+    Unknown keys raise KeyError; values of the wrong type TypeError or ValueError, naming the key."""
     fields = {f.name for f in dataclasses.fields(settings)}
     converted = {}
     for key, value in overrides.items():
         if key not in fields:
             raise KeyError(f"unknown setting {key!r}; known: {', '.join(sorted(fields))}")
-        converted[key] = _convert(value, getattr(settings, key))
+        converted[key] = _convert(key, value, getattr(settings, key))
     return dataclasses.replace(settings, **converted)
 
 
-def _convert(value: Any, current: Any) -> Any:
-    """Turn a string override into the type of the field's current value."""
-    if not isinstance(value, str) or isinstance(current, str) or current is None:
-        return None if value in ("", "none", "None") and current is None else value
-    if isinstance(current, bool):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value.lower() in ("true", "1")
-    if isinstance(current, dict):
-        return yaml.safe_load(value)
-    return type(current)(value)
+def _convert(key: str, value: Any, current: Any) -> Any:
+    """`value` for the field `key` whose current value is `current`: a string turned into the
+    field's type, any other value checked against it (an int is a float, a list a tuple)."""
+    if current is None:
+        return None if value in ("", "none", "None") else value
+    kind = type(current)
+    if isinstance(value, str) and kind is not str:
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return yaml.safe_load(value) if kind in (dict, list, tuple) else kind(value)
+        except (ValueError, yaml.YAMLError):
+            raise ValueError(f"{key} must be {_kind_name(kind)}, got {value!r}") from None
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    fits = {
+        bool: isinstance(value, bool),
+        int: numeric and float(value).is_integer(),
+        float: numeric,
+        tuple: isinstance(value, (list, tuple)),
+        list: isinstance(value, (list, tuple)),
+    }.get(kind, isinstance(value, kind))
+    if not fits:
+        raise TypeError(f"{key} must be {_kind_name(kind)}, got {value!r}")
+    return int(value) if kind is int else value
+
+
+def _kind_name(kind: type) -> str:
+    """How a setting's type reads in a message."""
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text", dict: "a mapping"}.get(
+        kind, kind.__name__
+    )
 
 
 def read_yaml_config(kind: str, name_or_path: str) -> dict[str, Any]:

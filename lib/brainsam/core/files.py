@@ -18,7 +18,8 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     """A temporary path in `path`'s folder (created if needed) for the block to write; renamed onto
     `path` when the block ends, removed when it raises. Readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_MARK + path.suffix)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_MARK + suffix)
     os.close(handle)
     temporary = Path(name)
     try:

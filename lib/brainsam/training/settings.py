@@ -49,6 +49,39 @@ class TrainSettings:
     publish_if_better: bool = True
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """ValueError naming every setting out of its range (checked before a run starts)."""
+        problems = [
+            f"{name} must be {rule}, got {getattr(self, name)!r}" for name, rule, ok in self._ranges() if not ok
+        ]
+        try:
+            self.lora_settings()
+        except TypeError as error:
+            problems.append(f"lora: {error}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def _ranges(self) -> list[tuple[str, str, bool]]:
+        """(setting, its range in words, whether the value is in it)."""
+        unit = 0.0 <= self.first_click <= 1.0, 0.0 <= self.shift <= 1.0
+        return [
+            ("learning_rate", ">= 0", self.learning_rate >= 0),
+            ("weight_decay", ">= 0", self.weight_decay >= 0),
+            ("warmup_iterations", ">= 0", self.warmup_iterations >= 0),
+            ("schedule", "cosine or poly", self.schedule in ("cosine", "poly")),
+            ("iterations", ">= 0", self.iterations >= 0),
+            ("max_minutes", "> 0", self.max_minutes > 0),
+            ("slab", ">= 0", self.slab >= 0),
+            ("click_rounds", ">= 0", self.click_rounds >= 0),
+            ("first_click", "within 0..1", unit[0]),
+            ("shift", "within 0..1", unit[1]),
+            ("shift_slices", ">= 0", self.shift_slices >= 0),
+            ("shift_pixels", ">= 0", self.shift_pixels >= 0),
+            ("atlases", ">= 1", self.atlases >= 1),
+            ("validate_every", ">= 1", self.validate_every >= 1),
+            ("validation_fraction", "within 0..1", 0.0 <= self.validation_fraction < 1.0),
+        ]
+
     def lora_settings(self) -> LoraSettings:
         values = dict(self.lora)
         if values.get("blocks") is not None:

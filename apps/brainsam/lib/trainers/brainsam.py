@@ -92,6 +92,12 @@ class BrainSamTrain(TrainTask):
         )
         return json.loads(json.dumps(dataclasses.asdict(result), default=str))
 
+    def check_settings(self, overrides: Dict[str, Any]) -> None:
+        """Raise KeyError, TypeError or ValueError naming what is wrong with a request's settings
+        (unknown, of the wrong type or out of range), before a run starts. The server trains the
+        backbone it serves, whatever `engine_config` says."""
+        load_train_settings(self.settings, **{**overrides, "engine_config": self.engine_config})
+
     def _settings(self, request: Dict[str, Any]) -> TrainSettings:
         """Training settings with the request's overrides; request keys that are not settings
         (MONAI Label adds its own, e.g. `model`) are ignored."""
