@@ -10,6 +10,9 @@ benchmarks.registration scores) three fusions are scored against the target's la
 over the label set's structures:
 - ours: brainsam.atlases.fusion (votes weighed by the target's intensities), as the server fuses;
 - vote: the label most atlases give each voxel;
+- lwvH (with `--lwv H ...`): each atlas's vote weighed by exp(-(1 - r) / H), r the local
+  correlation of its image with the target's over a 5-voxel cube, background a label too (a
+  candidate of our own for what JLF does, without its search or its joint error model);
 - jlf: ants.joint_label_fusion (Wang et al. 2013; patch radius 2, search radius 3, beta 4),
   within the atlases' labels grown by 2 voxels, with background as a label of its own and
   patches compared by correlation. Its defaults leave background out (every voxel of the mask
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import defaultdict
 
 import ants
 import numpy as np
@@ -79,17 +83,42 @@ def joint_label_fusion(maps: list[np.ndarray], images: list[np.ndarray], target:
     return np.where(fused > max(int(m.max()) for m in maps), 0, fused)
 
 
-def fusions(maps: list[np.ndarray], images: list[np.ndarray], target: np.ndarray, spacing) -> dict[str, tuple]:
+def local_correlation(a: np.ndarray, b: np.ndarray, radius: int) -> np.ndarray:
+    """Pearson correlation of `a` and `b` over the cube of side 2 * radius + 1 round each voxel."""
+
+    def mean(x: np.ndarray) -> np.ndarray:
+        return ndimage.uniform_filter(x, 2 * radius + 1)
+
+    ma, mb = mean(a), mean(b)
+    covariance = mean(a * b) - ma * mb
+    variance = (mean(a * a) - ma * ma) * (mean(b * b) - mb * mb)
+    return covariance / np.sqrt(np.maximum(variance, 1e-12))
+
+
+def weighted_vote(maps: list[np.ndarray], images: list[np.ndarray], target: np.ndarray, h: float) -> np.ndarray:
+    """Local weighted voting: each atlas's vote weighed by exp(-(1 - r) / h), r its image's local
+    correlation with the target's (patch radius 2, no search), background a label of its own."""
+    target = target.astype(np.float32)
+    weights = [np.exp(-(1.0 - local_correlation(target, i.astype(np.float32), 2)) / h) for i in images]
+    ids = np.unique(np.stack(maps))
+    scores = np.stack([sum(w * (m == i) for w, m in zip(weights, maps)) for i in ids])
+    return ids[np.argmax(scores, axis=0)]
+
+
+def fusions(
+    maps: list[np.ndarray], images: list[np.ndarray], target: np.ndarray, spacing, widths: list[float]
+) -> dict[str, tuple]:
     """Each fusion of the maps on the target's box: name -> (labels, seconds it took)."""
+    candidates = {
+        "ours": lambda: AtlasFusion(with_borders(maps), target, spacing).labels(),
+        "vote": lambda: vote(maps),
+        "jlf": lambda: joint_label_fusion(maps, images, target, spacing),
+        **{f"lwv{h:g}": lambda h=h: weighted_vote(maps, images, target, h) for h in widths},
+    }
     out = {}
-    for name in ("ours", "vote", "jlf"):
+    for name, fuse in candidates.items():
         began = time.perf_counter()
-        if name == "ours":
-            fused = AtlasFusion(with_borders(maps), target, spacing).labels()
-        elif name == "vote":
-            fused = vote(maps)
-        else:
-            fused = joint_label_fusion(maps, images, target, spacing)
+        fused = fuse()
         out[name] = (fused, time.perf_counter() - began)
     return out
 
@@ -104,12 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_set", choices=["fs-aseg", "ixi-muse"])
     parser.add_argument("--subjects", nargs="*", help="targets to run (default: all)")
     parser.add_argument("--most", type=int, default=5, help="atlases per target")
+    parser.add_argument(
+        "--lwv", type=float, nargs="*", default=[], metavar="H", help="also local weighted voting with these widths h"
+    )
     args = parser.parse_args(argv)
     label_set = load_label_set()
     everyone = subjects(args.data_set, label_set)
     settings = RegistrationSettings()
     placements = Placements(settings.placement, None)
-    means: dict[str, list[float]] = {"ours": [], "vote": [], "jlf": []}
+    means: dict[str, list[float]] = defaultdict(list)
     for target in [t for t in everyone if not args.subjects or t.name in args.subjects]:
         began = time.perf_counter()
         chosen = [a for a in everyone if a.name != target.name][: args.most]
@@ -118,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         box = grown_box(np.any(np.stack([target.labels, *maps]) > 0, axis=0), 8)
         times: dict[str, float] = {}
         for name, (fused, seconds) in fusions(
-            [m[box] for m in maps], [i[box] for i in images], target.volume.data[box], target.volume.spacing
+            [m[box] for m in maps], [i[box] for i in images], target.volume.data[box], target.volume.spacing, args.lwv
         ).items():
             means[name].append(scores(fused, target.labels[box], label_set))
             times[name] = seconds
