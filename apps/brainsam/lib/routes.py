@@ -8,6 +8,7 @@ request to MONAI Label's own handler. They add two routes for the kept versions 
 (lib.datastore): list them, and restore one.
 """
 
+from dataclasses import asdict
 from typing import Any, Callable, Dict, Mapping, Optional
 
 from fastapi import Depends, FastAPI, HTTPException
@@ -75,7 +76,7 @@ def install_checked_routes(app: FastAPI, instance: MONAILabelApp, checks: Mappin
 
     async def versions(image: str, tag: str = DefaultLabelTag.FINAL.value, _: User = user):
         store = local_datastore(instance)
-        return {"image": image, "tag": tag, "versions": [v.__dict__ for v in store.label_versions(image, tag)]}
+        return {"image": image, "tag": tag, "versions": [asdict(v) for v in store.label_versions(image, tag)]}
 
     async def restore(image: str, version: str, tag: str = DefaultLabelTag.FINAL.value, _: User = annotator):
         store = local_datastore(instance)
