@@ -71,6 +71,11 @@ def test_what_is_not_a_label_of_this_image_is_refused_with_the_reason(image: sit
     moved = AFFINE.copy()
     moved[:3, 3] += 2.0  # two voxels off: a label of another image of the same shape
     assert "another grid" in refusal(written(tmp_path, putamen(), moved), image)
+    cube = np.zeros((16, 16, 16), np.float32)
+    swapped = np.array([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])  # same two opposite corners
+    nib.save(nib.Nifti1Image(cube, np.eye(4)), tmp_path / "cube.nii.gz")
+    label = putamen((16, 16, 16))
+    assert "another grid" in refusal(written(tmp_path, label, swapped), sitk.ReadImage(str(tmp_path / "cube.nii.gz")))
     assert "one 3D volume" in refusal(written(tmp_path, np.stack([putamen()] * 2, -1)), image)
     assert "not whole numbers" in refusal(written(tmp_path, putamen(value=PUTAMEN + 0.5)), image)
     assert "values 7 that name no structure" in refusal(written(tmp_path, putamen(value=7)), image)

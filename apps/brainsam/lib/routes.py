@@ -61,8 +61,8 @@ def install_checked_routes(app: FastAPI, instance: MONAILabelApp, checks: Mappin
 
     async def train_all(params: Optional[dict] = None, run_sync: bool = False, _: User = admin):
         # MONAI Label merges the top-level keys into every model's request, and each model's own
+        top = {k: v for k, v in (params or {}).items() if k not in checks}
         for model, check in checks.items():
-            top = {k: v for k, v in (params or {}).items() if k not in checks}
             checked_settings(model, {**top, **((params or {}).get(model) or {})}, check)
         return train.run(params, run_sync)
 

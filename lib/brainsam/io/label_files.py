@@ -81,7 +81,8 @@ def grid_mismatch(label: sitk.Image, image: sitk.Image) -> str:
     if size != expected:
         return f"label shape {'x'.join(map(str, size))} does not match the image's {'x'.join(map(str, expected))}"
     tolerance = GRID_TOLERANCE * min(image.GetSpacing())
-    corners = [(0, 0, 0), tuple(s - 1 for s in size)]
+    # every corner: two opposite ones agree for a grid with two axes swapped
+    corners = [(x, y, z) for x in (0, size[0] - 1) for y in (0, size[1] - 1) for z in (0, size[2] - 1)]
     for index in corners:
         moved = np.subtract(
             label.TransformContinuousIndexToPhysicalPoint(index), image.TransformContinuousIndexToPhysicalPoint(index)

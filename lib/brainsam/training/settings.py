@@ -63,7 +63,6 @@ class TrainSettings:
 
     def _ranges(self) -> list[tuple[str, str, bool]]:
         """(setting, its range in words, whether the value is in it)."""
-        unit = 0.0 <= self.first_click <= 1.0, 0.0 <= self.shift <= 1.0
         return [
             ("learning_rate", ">= 0", self.learning_rate >= 0),
             ("weight_decay", ">= 0", self.weight_decay >= 0),
@@ -73,13 +72,13 @@ class TrainSettings:
             ("max_minutes", "> 0", self.max_minutes > 0),
             ("slab", ">= 0", self.slab >= 0),
             ("click_rounds", ">= 0", self.click_rounds >= 0),
-            ("first_click", "within 0..1", unit[0]),
-            ("shift", "within 0..1", unit[1]),
+            ("first_click", "within 0..1", 0.0 <= self.first_click <= 1.0),
+            ("shift", "within 0..1", 0.0 <= self.shift <= 1.0),
             ("shift_slices", ">= 0", self.shift_slices >= 0),
             ("shift_pixels", ">= 0", self.shift_pixels >= 0),
             ("atlases", ">= 1", self.atlases >= 1),
             ("validate_every", ">= 1", self.validate_every >= 1),
-            ("validation_fraction", "within 0..1", 0.0 <= self.validation_fraction < 1.0),
+            ("validation_fraction", "0 or more and below 1", 0.0 <= self.validation_fraction < 1.0),
         ]
 
     def lora_settings(self) -> LoraSettings:
